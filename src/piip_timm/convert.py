@@ -1,0 +1,138 @@
+"""State-dict conversion from the original PIIP code's layout to this package's.
+
+The original names branches ``branch1..branch4`` and interaction units
+``interaction_units_12/23/34``; this package has ``branches.{i}`` (timm ViT keys),
+``interactions.{step}.{pair}``, ``merges.{i}``, ``branch_weights``, ``pyramid`` and
+``head``. The mapping depends only on the keys (and, for merges, on which keys exist),
+so it runs without building a model.
+"""
+import re
+from typing import Any, Dict, Mapping, MutableMapping
+
+import torch
+
+__all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout']
+
+_BRANCH = re.compile(r'^branch(\d)\.(.+)$')
+_UNIT = re.compile(r'^interactions\.(\d+)\.interaction_units_(\d)(\d)\.(.+)$')
+_MERGE = re.compile(r'^merge_branch(\d)\.(.+)$')
+_BRANCH_WEIGHT = re.compile(r'^w(\d)$')
+
+_UNIT_RENAMES = (
+    ('branch2to1_proj.', 'fine_to_coarse_proj.'),
+    ('branch1to2_proj.', 'coarse_to_fine_proj.'),
+    ('branch2to1_injector.', 'fine_to_coarse.'),
+    ('branch1to2_injector.', 'coarse_to_fine.'),
+)
+_INJECTOR_RENAMES = (
+    ('.ca_gamma', '.attn_gamma'),
+    ('.cffn_gamma', '.ffn_gamma'),
+    ('.ffn.dwconv.dwconv.', '.ffn.dwconv.'),
+)
+_LINEAR_MERGE = {'0': 'norm_in', '2': 'proj', '4': 'norm_out'}
+_CONV_MERGE = {'0': 'conv1', '1': 'norm1', '3': 'conv2', '4': 'norm2'}
+_TOP_LEVEL = {
+    'cls_norm.weight': 'norm.weight',
+    'cls_norm.bias': 'norm.bias',
+    'cls_head.weight': 'head.weight',
+    'cls_head.bias': 'head.bias',
+    'fpn1.0.weight': 'pyramid.up4.0.weight',
+    'fpn1.0.bias': 'pyramid.up4.0.bias',
+    'fpn1.1.weight': 'pyramid.up4.1.weight',
+    'fpn1.1.bias': 'pyramid.up4.1.bias',
+    'fpn1.3.weight': 'pyramid.up4.3.weight',
+    'fpn1.3.bias': 'pyramid.up4.3.bias',
+    'fpn2.0.weight': 'pyramid.up2.0.weight',
+    'fpn2.0.bias': 'pyramid.up2.0.bias',
+}
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Take the tensors out of a training checkpoint.
+
+    Accepts a bare state dict or one wrapped in ``model``/``state_dict``/``module`` (as saved by
+    DeiT/mmcv/DeepSpeed), and drops mmdet's ``backbone.`` prefix; other detector parts (neck, heads)
+    are left out only when the checkpoint has a ``backbone.`` part.
+    """
+    state = checkpoint
+    for wrapper in ('model', 'state_dict', 'module'):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ValueError(f'expected a state dict (a mapping of names to tensors), got {type(state).__name__}.')
+    if any(k.startswith('backbone.') for k in state):
+        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f'these checkpoint entries are not tensors: {not_tensors[:5]}; pass a state dict.')
+    return dict(state)
+
+
+def is_original_layout(state_dict: Mapping[str, Any]) -> bool:
+    """True for the original PIIP code's key layout (``branch1.*``)."""
+    return any(_BRANCH.match(k) for k in state_dict)
+
+
+def _branch_key(index: int, rest: str) -> str:
+    rest = re.sub(r'^blocks\.(\d+)\.gamma_1$', r'blocks.\1.ls1.gamma', rest)
+    rest = re.sub(r'^blocks\.(\d+)\.gamma_2$', r'blocks.\1.ls2.gamma', rest)
+    if rest.startswith('head.'):
+        return f'head.{index}.{rest[len("head."):]}'
+    return f'branches.{index}.{rest}'
+
+
+def _unit_key(step: str, coarse: int, fine: int, rest: str) -> str:
+    if fine != coarse + 1:
+        raise ValueError(f'interaction unit {coarse}{fine} does not join adjacent branches.')
+    for old, new in _UNIT_RENAMES:
+        if rest.startswith(old):
+            rest = new + rest[len(old):]
+            break
+    else:
+        raise ValueError(f'unknown interaction-unit parameter {rest!r}.')
+    rest = '.' + rest
+    for old, new in _INJECTOR_RENAMES:
+        rest = rest.replace(old, new)
+    return f'interactions.{step}.{coarse - 1}{rest}'
+
+
+def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map an original-layout PIIP state dict (classification or mmdet backbone) to this package's layout.
+
+    Raises ValueError naming any key the original code would not have produced.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    conv_merge = any(re.match(r'^merge_branch\d\.(1|3)\.', k) for k in state_dict)
+    merge_names = _CONV_MERGE if conv_merge else _LINEAR_MERGE
+    out: MutableMapping[str, torch.Tensor] = {}
+    branch_weights = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if m := _BRANCH.match(key):
+            out[_branch_key(int(m.group(1)) - 1, m.group(2))] = value
+        elif m := _UNIT.match(key):
+            out[_unit_key(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4))] = value
+        elif m := _MERGE.match(key):
+            index, rest = int(m.group(1)) - 1, m.group(2)
+            if rest in ('weight', 'bias'):  # the target branch's merge is a bare GroupNorm
+                out[f'merges.{index}.norm_in.{rest}'] = value
+                continue
+            layer, _, param = rest.partition('.')
+            if layer not in merge_names:
+                unknown.append(key)
+                continue
+            out[f'merges.{index}.{merge_names[layer]}.{param}'] = value
+        elif m := _BRANCH_WEIGHT.match(key):
+            branch_weights[int(m.group(1))] = value
+        elif key in _TOP_LEVEL:
+            out[_TOP_LEVEL[key]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f'{len(unknown)} keys are not part of an original PIIP model this package can build: {unknown[:8]}.')
+    if branch_weights:
+        if sorted(branch_weights) != list(range(1, len(branch_weights) + 1)):
+            raise ValueError(f'branch weights w1..wN are incomplete: found {sorted(branch_weights)}.')
+        out['branch_weights'] = torch.stack([branch_weights[i].reshape(()) for i in sorted(branch_weights)])
+    return dict(out)

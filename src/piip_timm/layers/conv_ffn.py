@@ -1,0 +1,32 @@
+"""Feed-forward network with a depthwise 3x3 convolution between its two projections."""
+from typing import Tuple
+
+import torch
+from torch import nn
+
+__all__ = ['ConvFFN']
+
+
+class ConvFFN(nn.Module):
+    """fc1 -> depthwise 3x3 conv on the token grid -> GELU -> fc2.
+
+    The convolution gives the interaction units local spatial mixing that
+    deformable attention alone does not have (as in ViT-Adapter).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """x: (B, H*W, dim) tokens of an H x W grid."""
+        batch, num_tokens, _ = x.shape
+        x = self.fc1(x)
+        x = x.transpose(1, 2).reshape(batch, -1, hw[0], hw[1])
+        x = self.dwconv(x).flatten(2).transpose(1, 2)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))

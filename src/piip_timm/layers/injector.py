@@ -1,0 +1,59 @@
+"""One direction of a PIIP interaction: a branch's tokens read from another branch's grid."""
+from typing import Callable, Optional, Tuple
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from .conv_ffn import ConvFFN
+from .deform_attn import DeformableCrossAttention
+
+__all__ = ['Injector']
+
+
+class Injector(nn.Module):
+    """query += attn_gamma * DeformAttn(norm(query), norm(feat)); then an optional ConvFFN residual.
+
+    Both residuals are scaled by per-channel gammas that start at zero, so a
+    freshly initialised interaction leaves the pretrained branches untouched.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            feat_dim: int,
+            num_heads: int = 16,
+            num_points: int = 4,
+            value_ratio: float = 0.5,
+            norm_layer: Optional[Callable[[int], nn.Module]] = None,
+            with_ffn: bool = True,
+            ffn_ratio: float = 0.25,
+            drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or nn.Identity
+        self.query_norm = norm_layer(dim)
+        self.feat_norm = norm_layer(feat_dim)
+        self.attn = DeformableCrossAttention(
+            dim, num_heads=num_heads, num_points=num_points, value_ratio=value_ratio, feat_dim=feat_dim)
+        self.attn_gamma = nn.Parameter(torch.zeros(dim))
+        if with_ffn:
+            self.ffn_norm = norm_layer(dim)
+            self.ffn = ConvFFN(dim, int(dim * ffn_ratio))
+            self.ffn_gamma = nn.Parameter(torch.zeros(dim))
+            self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        else:
+            self.ffn = None
+
+    def forward(
+            self,
+            query: torch.Tensor,
+            query_hw: Tuple[int, int],
+            feat: torch.Tensor,
+            feat_hw: Tuple[int, int],
+    ) -> torch.Tensor:
+        attn = self.attn(self.query_norm(query), query_hw, self.feat_norm(feat), feat_hw)
+        query = query + self.attn_gamma * attn
+        if self.ffn is not None:
+            query = query + self.ffn_gamma * self.drop_path(self.ffn(self.ffn_norm(query), query_hw))
+        return query
