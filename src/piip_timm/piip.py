@@ -259,7 +259,7 @@ class PIIP(nn.Module):
         self.branch_weights = nn.Parameter(torch.ones(len(branches))) if merge else None
         self.pyramid = SimpleFeaturePyramid(out_dim, pyramid) if pyramid else None
         self.feature_info = [
-            dict(num_chs=out_dim, reduction=self.patch_size / PYRAMID_SCALES[name], module=f'pyramid.{name}')
+            dict(num_chs=out_dim, reduction=int(self.patch_size / PYRAMID_SCALES[name]), module=f'pyramid.{name}')
             for name in (pyramid or ())
         ]
 
@@ -532,8 +532,233 @@ class PIIP(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """For ``features_only``: drop the classifier; every pyramid level needs every branch."""
+        """For ``features_only``: drop the classifier (and the norms that only feed it); every
+        pyramid level needs every branch, so no block is pruned."""
         take_indices, _ = feature_take_indices(len(self.feature_info), indices)
         if prune_head:
             self.reset_classifier(0, '')
+        if prune_norm:
+            if self.head_style == 'separate':
+                for branch in self.branches:
+                    branch.norm = nn.Identity()
+            else:
+                self.norm = nn.Identity()
         return take_indices
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _resample_pos_embeds(state_dict: Dict[str, torch.Tensor], model: PIIP) -> None:
+    """Bring stored pos_embeds to the model's grid the way the original did (bicubic, no antialias)."""
+    for i, cfg in enumerate(model.branch_cfgs):
+        key = f'branches.{i}.pos_embed'
+        target = model.branches[i].pos_embed
+        if key not in state_dict or state_dict[key].shape == target.shape:
+            continue
+        slot = 1 if cfg.pos_embed_class_slot else 0
+        pos = state_dict[key]
+        old = int(round(math.sqrt(pos.shape[1] - slot)))
+        if old * old != pos.shape[1] - slot:
+            raise ValueError(f'{key} has {pos.shape[1]} positions, not a square grid (+{slot} class slot).')
+        resized = resample_abs_pos_embed(
+            pos[:, slot:], (cfg.grid, cfg.grid), old_size=(old, old), num_prefix_tokens=0, antialias=False)
+        state_dict[key] = torch.cat((pos[:, :slot], resized), dim=1)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PIIP) -> Dict[str, torch.Tensor]:
+    """Checkpoint in this package's layout or the original PIIP layout -> this model's state dict."""
+    from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
+    state_dict = unwrap_state_dict(state_dict)
+    if is_original_layout(state_dict):
+        state_dict = convert_original_state_dict(state_dict)
+    _resample_pos_embeds(state_dict, model)
+    return state_dict
+
+
+# --------------------------------------------------------------------------- variants
+# (embed_dim, depth, num_heads) of the ViT sizes PIIP combines.
+VIT_SIZES = {
+    'T': (192, 12, 3),
+    'S': (384, 12, 6),
+    'B': (768, 12, 12),
+    'L': (1024, 24, 16),
+    'H': (1280, 32, 16),
+    '6B': (3200, 48, 25),
+}
+
+# Branch families, as the original code configures them.
+DEIT_CLS = dict(init_values=1.0, class_token=True)  # DeiT with layer scale 1.0 (ImageNet classifiers)
+AUGREG_CLS = dict(class_token=True, pos_embed_class_slot=True)  # AugReg ViT (ImageNet classifiers)
+DEIT3_DET = dict(init_values=1.0, pos_embed_grid=14)  # DeiT III / DeiT at 224 (detectors)
+INTERNVIT_6B = dict(
+    qkv_bias=False, init_values=0.1, norm='rmsnorm', qk_norm=True, mlp_act='gelu_tanh', pos_embed_class_slot=True,
+    pos_embed_grid=14, drop_path_schedule='linear')
+MAE_H = dict(init_values=1.0, mlp_act='gelu_tanh', pos_embed_class_slot=True, pos_embed_grid=14,
+             drop_path_schedule='linear')
+DEIT3_L_384 = dict(init_values=1.0, mlp_act='gelu_tanh', pos_embed_grid=24)
+
+
+def vit_branch(size: str, img_size: int, drop_path_rate: float, num_interactions: int, **kwargs) -> BranchCfg:
+    """A branch of one of the standard ViT sizes with its blocks split evenly over the interactions."""
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    return BranchCfg(
+        img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        block_ranges=even_block_ranges(depth, num_interactions), drop_path_rate=drop_path_rate, **kwargs)
+
+
+@dataclass(frozen=True)
+class VariantCfg:
+    """A registered PIIP variant: the paper's branches, interactions and heads.
+
+    No variant builds a feature pyramid for classification (it would get no gradient);
+    ``features_only=True`` adds the detectors' conv merge and simple pyramid.
+    """
+    branches: Tuple[BranchCfg, ...]
+    interaction: InteractionCfg = InteractionCfg()
+    head: HeadStyle = 'separate'
+    merge: Optional[MergeStyle] = None
+    pyramid: Optional[Tuple[str, ...]] = None
+
+
+ALL_LEVELS = ('up4', 'up2', 'same', 'down2')
+
+VARIANTS: Dict[str, VariantCfg] = {
+    # ImageNet PIIP-TSB 368/192/128 (classification/configs/piip_3branch_tsb_368-192-128_cls_token_deit1.py)
+    'piip_tsb': VariantCfg(branches=(
+        vit_branch('B', 128, 0.2, 12, **DEIT_CLS),
+        vit_branch('S', 192, 0.05, 12, **DEIT_CLS),
+        vit_branch('T', 368, 0.05, 12, **DEIT_CLS),
+    )),
+    # ImageNet PIIP-SBL 384/192/128 (classification/configs/piip_3branch_sbl_384-192-128_cls_token_augreg.py)
+    'piip_sbl': VariantCfg(branches=(
+        vit_branch('L', 128, 0.4, 12, **AUGREG_CLS),
+        vit_branch('B', 192, 0.2, 12, **AUGREG_CLS),
+        vit_branch('S', 384, 0.05, 12, **AUGREG_CLS),
+    )),
+    # COCO PIIP-TSBL 1344/896/672/448 (mmdetection/configs/piip/4branch/mask_rcnn_deit_tsbl_1344_896_672_448_*)
+    'piip_tsbl': VariantCfg(
+        branches=(
+            vit_branch('L', 448, 0.4, 12, window_size=28, **DEIT3_DET),
+            vit_branch('B', 672, 0.15, 12, window_size=28, **DEIT3_DET),
+            vit_branch('S', 896, 0.05, 12, window_size=28, **DEIT3_DET),
+            vit_branch('T', 1344, 0.05, 12, window_size=28, **DEIT3_DET),
+        ),
+        head='merged', merge='conv'),
+    # COCO PIIP-LH6B 1536/1024/512 (mmdetection/configs/piip/3branch/*_internvit_lh6b_1536_1024_512_*)
+    'piip_lh6b': VariantCfg(
+        branches=(
+            vit_branch('6B', 512, 0.4, 4, **INTERNVIT_6B),
+            vit_branch('H', 1024, 0.4, 4, **MAE_H),
+            vit_branch('L', 1536, 0.4, 4, **DEIT3_L_384),
+        ),
+        interaction=InteractionCfg(project=False, norm=False),
+        head='merged', merge='conv'),
+}
+
+
+def _per_branch(value: Any, count: int, name: str) -> List[Any]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f'{name} needs one value per branch ({count}), got {len(value)}.')
+        return list(value)
+    return [value] * count
+
+
+def variant_branches(
+        variant: str,
+        img_size: Union[None, int, Sequence[int]] = None,
+        window_size: Union[None, int, Sequence[Optional[int]]] = -1,
+        drop_path_rate: Optional[float] = None,
+) -> Tuple[BranchCfg, ...]:
+    """The variant's branches, with user choices applied.
+
+    ``img_size``: the finest branch's size (the others keep their ratios) or one size per branch.
+    ``window_size``: window side for every block (None: global attention), or one per branch;
+    -1 keeps the variant's. ``drop_path_rate``: the same rate for every branch.
+    """
+    branches = VARIANTS[variant].branches
+    if img_size is not None:
+        if isinstance(img_size, (list, tuple)) and len(img_size) == 2 and len(branches) != 2 \
+                and img_size[0] == img_size[1]:
+            img_size = img_size[0]  # timm passes (H, W) from pretrained_cfg input_size
+        if isinstance(img_size, (list, tuple)):
+            sizes = _per_branch(img_size, len(branches), 'img_size')
+        else:
+            sizes = [round(b.img_size * img_size / branches[-1].img_size) for b in branches]
+        if any(s < b.patch_size for s, b in zip(sizes, branches)):
+            raise ValueError(f'img_size {img_size} gives branch sizes {sizes}, below the {branches[0].patch_size}px patch.')
+        branches = tuple(replace(b, img_size=int(s)) for b, s in zip(branches, sizes))
+    if window_size != -1:
+        windows = _per_branch(window_size, len(branches), 'window_size')
+        branches = tuple(replace(b, window_size=w) for b, w in zip(branches, windows))
+    if drop_path_rate is not None:
+        branches = tuple(replace(b, drop_path_rate=drop_path_rate) for b in branches)
+    return branches
+
+
+def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
+    spec = VARIANTS[variant]
+    branches = variant_branches(
+        variant, kwargs.pop('img_size', None), kwargs.pop('window_size', -1), kwargs.pop('drop_path_rate', None))
+    merge, pyramid = kwargs.pop('merge', spec.merge), kwargs.pop('pyramid', spec.pyramid)
+    if kwargs.get('features_only'):
+        # The dense path needs a merged map and its pyramid; classifiers get the detectors' conv merge.
+        merge, pyramid = merge or 'conv', pyramid or ALL_LEVELS
+    return build_model_with_cfg(
+        PIIP, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(len(pyramid or ())))),
+        branches=branches,
+        interaction=kwargs.pop('interaction', spec.interaction),
+        head=kwargs.pop('head', spec.head),
+        merge=merge,
+        pyramid=pyramid,
+        **kwargs,
+    )
+
+
+def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
+    spec = VARIANTS[variant]
+    size = spec.branches[-1].img_size
+    n = len(spec.branches)
+    return dict(
+        url='', num_classes=1000, input_size=(3, size, size), pool_size=None, crop_pct=1.0,
+        interpolation='bicubic', fixed_input_size=False,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv=tuple(f'branches.{i}.patch_embed.proj' for i in range(n)),
+        classifier=tuple(f'head.{i}' for i in range(n)) if spec.head == 'separate' else 'head',
+        license='mit', paper_ids='arXiv:2406.04330', **kwargs,
+    )
+
+
+from timm.models import generate_default_cfgs  # noqa: E402  (kept beside the table it serves)
+
+default_cfgs = generate_default_cfgs({
+    'piip_tsb.untrained': _cfg('piip_tsb'),
+    'piip_sbl.untrained': _cfg('piip_sbl'),
+    'piip_tsbl.untrained': _cfg('piip_tsbl'),
+    'piip_lh6b.untrained': _cfg('piip_lh6b'),
+})
+
+
+@register_model
+def piip_tsb(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSB: DeiT-T/S/B on 368/192/128 px (ImageNet config)."""
+    return _create_piip('piip_tsb', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_sbl(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL: AugReg ViT-S/B/L on 384/192/128 px (ImageNet config)."""
+    return _create_piip('piip_sbl', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_tsbl(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSBL: DeiT-T / DeiT III-S/B/L on 1344/896/672/448 px (COCO config, windows of 28)."""
+    return _create_piip('piip_tsbl', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_lh6b(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-LH6B: DeiT III-L-384 / MAE ViT-H / InternViT-6B on 1536/1024/512 px (COCO config)."""
+    return _create_piip('piip_lh6b', pretrained=pretrained, **kwargs)

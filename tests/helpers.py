@@ -1,0 +1,57 @@
+"""Small PIIP models with the structure of the registered variants, for tests that run the model."""
+from dataclasses import replace
+from typing import Optional
+
+import timm
+import torch
+from timm.layers import DropPath
+
+from piip_timm.piip import PIIP, VARIANTS, even_block_ranges
+
+# Per-branch (embed_dim, num_heads) of the shrunken models, coarse to fine: GroupNorm(32) divides all.
+TINY_WIDTHS = ((96, 3), (64, 2), (32, 1), (32, 2))
+
+
+def tiny_variant(
+        name: str,
+        depth: int = 2,
+        img_sizes=None,
+        window_size: Optional[int] = -1,
+        **kwargs,
+) -> PIIP:
+    """The registered variant ``name`` with narrow, shallow branches (same families, heads, merge, pyramid)."""
+    spec = VARIANTS[name]
+    n = len(spec.branches)
+    img_sizes = img_sizes or [32 * (i + 2) for i in range(n)]  # 64, 96, 128, ... on the finest branch last
+    branches = []
+    for i, b in enumerate(spec.branches):
+        dim, heads = TINY_WIDTHS[i]
+        grid = min(b.grid, 4) if b.pos_embed_grid else None
+        changes = dict(embed_dim=dim, num_heads=heads, depth=depth * (2 if i == 0 and n > 3 else 1),
+                       img_size=img_sizes[i], pos_embed_grid=grid)
+        changes['block_ranges'] = even_block_ranges(changes['depth'], depth)
+        if window_size != -1:
+            changes['window_size'] = window_size
+        elif b.window_size:
+            changes['window_size'] = 2
+        branches.append(replace(b, **changes))
+    interaction = replace(spec.interaction, num_heads=4)
+    options = dict(interaction=interaction, head=spec.head, merge=spec.merge, pyramid=spec.pyramid, num_classes=7)
+    options.update(kwargs)
+    return PIIP(branches, **options)
+
+
+def disable_drop_path(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
+    return model
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights everywhere (zero-initialised gammas and offsets included)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
