@@ -30,7 +30,11 @@ def build(model_name: str, img_size: int, want_pretrained: bool):
     kwargs = dict(features_only=True, img_size=img_size)
     if want_pretrained:
         try:
-            return timm.create_model(model_name, pretrained=True, **kwargs), 'pretrained'
+            model = timm.create_model(model_name, pretrained=True, **kwargs)
+            tag = model.pretrained_cfg.get('tag')
+            note = model.pretrained_cfg.get('notes', '')
+            fresh = '; the branch merge and pyramid are freshly initialised' if 'classifier' in note else ''
+            return model, f'PRETRAINED ({model_name}.{tag}: {note}{fresh})'
         except Exception as e:  # offline, no released weights for this variant, ...
             reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
             return timm.create_model(model_name, pretrained=False, **kwargs), \

@@ -12,6 +12,27 @@ from piip_timm.piip import PIIP, VARIANTS, even_block_ranges
 TINY_WIDTHS = ((96, 3), (64, 2), (32, 1), (32, 2))
 
 
+def tiny_branches(branches, interactions: int = 2, img_sizes=None, window_size: Optional[int] = -1):
+    """Narrow, shallow twins of ``branches`` (same families, flags and block grouping)."""
+    n = len(branches)
+    img_sizes = img_sizes or [32 * (i + 2) for i in range(n)]  # 64, 96, 128, ... on the finest branch last
+    out = []
+    for i, b in enumerate(branches):
+        dim, heads = TINY_WIDTHS[i]
+        sizes = {end - start + 1 for start, end in b.block_ranges}
+        per_step = sizes.pop() if len(sizes) == 1 else 1
+        depth = per_step * interactions
+        changes = dict(embed_dim=dim, num_heads=heads, depth=depth, img_size=img_sizes[i],
+                       pos_embed_grid=4 if b.pos_embed_grid else None,
+                       block_ranges=even_block_ranges(depth, interactions))
+        if window_size != -1:
+            changes['window_size'] = window_size
+        elif b.window_size:
+            changes['window_size'] = 2
+        out.append(replace(b, **changes))
+    return out
+
+
 def tiny_variant(
         name: str,
         depth: int = 2,
@@ -19,24 +40,11 @@ def tiny_variant(
         window_size: Optional[int] = -1,
         **kwargs,
 ) -> PIIP:
-    """The registered variant ``name`` with narrow, shallow branches (same families, heads, merge, pyramid)."""
+    """The registered variant ``name`` with narrow, shallow branches (same families, heads, merge)."""
     spec = VARIANTS[name]
-    n = len(spec.branches)
-    img_sizes = img_sizes or [32 * (i + 2) for i in range(n)]  # 64, 96, 128, ... on the finest branch last
-    branches = []
-    for i, b in enumerate(spec.branches):
-        dim, heads = TINY_WIDTHS[i]
-        grid = min(b.grid, 4) if b.pos_embed_grid else None
-        changes = dict(embed_dim=dim, num_heads=heads, depth=depth * (2 if i == 0 and n > 3 else 1),
-                       img_size=img_sizes[i], pos_embed_grid=grid)
-        changes['block_ranges'] = even_block_ranges(changes['depth'], depth)
-        if window_size != -1:
-            changes['window_size'] = window_size
-        elif b.window_size:
-            changes['window_size'] = 2
-        branches.append(replace(b, **changes))
+    branches = tiny_branches(spec.branches, depth, img_sizes, window_size)
     interaction = replace(spec.interaction, num_heads=4)
-    options = dict(interaction=interaction, head=spec.head, merge=spec.merge, pyramid=spec.pyramid, num_classes=7)
+    options = dict(interaction=interaction, head=spec.head, merge=spec.merge, num_classes=7)
     options.update(kwargs)
     return PIIP(branches, **options)
 

@@ -52,6 +52,21 @@ def test_lh6b_features_only_is_the_original_detector_backbone():
         k for k in converted if k.startswith('pyramid.')}
 
 
+def test_h6b_features_only_is_the_original_mask_rcnn_backbone():
+    keys = json.loads((REFERENCE_DIR / 'manifests' / 'det_maskrcnn_h6b_1024_512.json').read_text())['keys']
+    converted = convert_original_state_dict({k: torch.empty(v, device='meta') for k, v in keys.items()})
+    dense = {k: list(v.shape) for k, v in meta_model('piip_h6b', features_only=True).model.state_dict().items()}
+    assert dense == {k: list(v.shape) for k, v in converted.items()}
+
+
+def test_readme_lists_every_pretrained_tag():
+    from pathlib import Path
+    from piip_timm.piip import PRETRAINED
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    rows = {line.split('`')[1] for line in readme.splitlines() if line.startswith('| `piip_') and '.' in line.split('`')[1]}
+    assert rows == {f'{v}.{t}' for v, tags in PRETRAINED.items() for t in tags}
+
+
 def test_tsbl_branches_follow_the_paper_not_the_original_quirk():
     model = meta_model('piip_tsbl')
     assert model.embed_dims == (1024, 768, 384, 192)

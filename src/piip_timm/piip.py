@@ -16,24 +16,32 @@ Every branch is a timm ``VisionTransformer`` (so its keys are timm's). Two, thre
 and four branches go through the same code; variants differ only in the table at
 the bottom of this file.
 """
+import logging
 import math
-from dataclasses import dataclass, field, replace
+import pickle
+import re
+from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, GELUTanh, LayerNorm, RmsNorm, resample_abs_pos_embed, trunc_normal_
-from timm.models import VisionTransformer, build_model_with_cfg, register_model
+from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
+from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict
+from .weights import allow_training_metadata
 from .layers import Attention, BidirectionalInteraction, ConvMerge, DeformableCrossAttention, LinearMerge, \
     SimpleFeaturePyramid, PYRAMID_SCALES
 
-__all__ = ['PIIP', 'BranchCfg', 'InteractionCfg', 'even_block_ranges']
+__all__ = ['PIIP', 'BranchCfg', 'InteractionCfg', 'even_block_ranges', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
 
 HeadStyle = Optional[Literal['separate', 'merged']]
 MergeStyle = Literal['linear', 'conv']
@@ -547,31 +555,138 @@ class PIIP(nn.Module):
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _resample_pos_embeds(state_dict: Dict[str, torch.Tensor], model: PIIP) -> None:
-    """Bring stored pos_embeds to the model's grid the way the original did (bicubic, no antialias)."""
-    for i, cfg in enumerate(model.branch_cfgs):
-        key = f'branches.{i}.pos_embed'
-        target = model.branches[i].pos_embed
-        if key not in state_dict or state_dict[key].shape == target.shape:
-            continue
-        slot = 1 if cfg.pos_embed_class_slot else 0
-        pos = state_dict[key]
-        old = int(round(math.sqrt(pos.shape[1] - slot)))
-        if old * old != pos.shape[1] - slot:
-            raise ValueError(f'{key} has {pos.shape[1]} positions, not a square grid (+{slot} class slot).')
-        resized = resample_abs_pos_embed(
-            pos[:, slot:], (cfg.grid, cfg.grid), old_size=(old, old), num_prefix_tokens=0, antialias=False)
-        state_dict[key] = torch.cat((pos[:, :slot], resized), dim=1)
+# Groups of keys a checkpoint may lack as a whole (they are then freshly initialised) or carry
+# as a whole when the model lacks them (they are then dropped). Anything else must match exactly.
+_OPTIONAL_GROUPS = {
+    'classifier': lambda k: k.startswith(('head.', 'norm.')),
+    'merge': lambda k: k.startswith('merges.') or k == 'branch_weights',
+    'pyramid': lambda k: k.startswith('pyramid.'),
+}
+_BRANCH_ONLY_FRESH = {'interactions': lambda k: k.startswith('interactions.')}
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: PIIP) -> Dict[str, torch.Tensor]:
-    """Checkpoint in this package's layout or the original PIIP layout -> this model's state dict."""
-    from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
+def _is_branch_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Branch weights assembled from single-model repositories: no interaction has been trained."""
+    return not any(k.startswith('interactions.') for k in state_dict)
+
+
+def _resample_grid(pos: torch.Tensor, grid: int, key: str) -> torch.Tensor:
+    """(1, N, C) square pos_embed -> (1, grid*grid, C), bicubic without antialias (the original's rule)."""
+    old = int(round(math.sqrt(pos.shape[1])))
+    if old * old != pos.shape[1]:
+        raise ValueError(f'{key} has {pos.shape[1]} positions, not a square grid.')
+    return resample_abs_pos_embed(pos, (grid, grid), old_size=(old, old), num_prefix_tokens=0, antialias=False)
+
+
+def _adapt_pos_embed(pos: torch.Tensor, cfg: BranchCfg, key: str) -> torch.Tensor:
+    """Class slot dropped (or kept) as the branch needs, grid resampled to the branch's."""
+    has_slot = int(round(math.sqrt(pos.shape[1]))) ** 2 != pos.shape[1]
+    if has_slot and not cfg.pos_embed_class_slot:
+        pos = pos[:, 1:]  # DeiT/AugReg checkpoints carry a class slot the PIIP DeiT branches do not have
+        has_slot = False
+    if not has_slot and cfg.pos_embed_class_slot:
+        raise ValueError(f'{key} has no class slot but this branch stores one; the checkpoint is for another model.')
+    slot = 1 if has_slot else 0
+    return torch.cat((pos[:, :slot], _resample_grid(pos[:, slot:], cfg.grid, key)), dim=1)
+
+
+def adapt_branch_weights(state_dict: Dict[str, torch.Tensor], model: 'PIIP') -> Dict[str, torch.Tensor]:
+    """Single-model ViT weights under ``branches.{i}.`` -> what the PIIP branch needs, the way the original
+    initialised its branches: pos_embed resampled (bicubic, no antialias; class slot dropped for DeiT-style
+    branches), patch kernels resized bicubically (e.g. 14 -> 16), missing layer-scale gammas set to the
+    branch's init value, the branch heads moved to the separate heads, and unused tensors dropped.
+    """
+    out = {k: v for k, v in state_dict.items() if not k.startswith('branches.')}
+    for i, (cfg, branch) in enumerate(zip(model.branch_cfgs, model.branches)):
+        prefix = f'branches.{i}.'
+        source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not source:
+            raise ValueError(f'the checkpoint has no weights for branch {i}.')
+        own = branch.state_dict()
+        for name in ('head.weight', 'head.bias'):
+            value = source.pop(name, None)
+            if value is not None and model.head_style == 'separate':
+                out[f'head.{i}.{name.split(".")[1]}'] = value
+        for name in list(source):
+            # Parts of a single-model classifier / pretrainer that a PIIP branch does not have.
+            if name not in own and name.split('.')[0] in ('norm', 'fc_norm', 'cls_token', 'reg_token', 'dist_token',
+                                                           'head_dist', 'attn_pool', 'norm_pre'):
+                del source[name]
+        if 'pos_embed' in source:
+            source['pos_embed'] = _adapt_pos_embed(source['pos_embed'], cfg, prefix + 'pos_embed')
+        kernel = source.get('patch_embed.proj.weight')
+        if kernel is not None and kernel.shape[-2:] != own['patch_embed.proj.weight'].shape[-2:]:
+            source['patch_embed.proj.weight'] = F.interpolate(
+                kernel.float(), size=own['patch_embed.proj.weight'].shape[-2:], mode='bicubic',
+                align_corners=False).to(kernel.dtype)
+        for name in own:
+            if re.fullmatch(r'blocks\.\d+\.ls[12]\.gamma', name) and name not in source:
+                source[name] = torch.full_like(own[name], cfg.init_values, device='cpu')
+        out.update({prefix + k: v for k, v in source.items()})
+    return out
+
+
+def complete_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        fresh_groups: Mapping[str, Callable[[str], bool]],
+) -> Dict[str, torch.Tensor]:
+    """Check a converted checkpoint against the model, key by key and shape by shape.
+
+    A group in ``fresh_groups`` that the checkpoint lacks entirely keeps the model's fresh init; one
+    the checkpoint has but the model lacks entirely is dropped. Any other difference is an error
+    naming the keys, so a model that loads has every tensor accounted for.
+    """
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    fresh, dropped = [], []
+    heads = [k for k in own if k.startswith('head.') and k in state_dict]
+    if any(state_dict[k].shape != own[k].shape for k in heads):
+        # Another number of classes: the classifier starts fresh (timm drops it as well).
+        state_dict.update({k: own[k] for k in heads})
+        fresh.append('classifier (other num_classes)')
+    for group, member in fresh_groups.items():
+        ours = {k for k in own if member(k)}
+        theirs = {k for k in state_dict if member(k)}
+        if ours and not theirs:
+            state_dict.update({k: own[k] for k in ours})
+            fresh.append(group)
+        elif theirs and not ours:
+            for k in theirs:
+                del state_dict[k]
+            dropped.append(group)
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mis_shaped = sorted(f'{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}'
+                        for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
+    if missing or unexpected or mis_shaped:
+        raise ValueError(
+            f'the checkpoint does not fit this model: {len(missing)} missing {missing[:6]}, '
+            f'{len(unexpected)} unexpected {unexpected[:6]}, {len(mis_shaped)} of another shape {mis_shaped[:6]}; '
+            'check that checkpoint and model (variant, tag, resolution options) belong together.')
+    if fresh:
+        _logger.info(f'freshly initialised (not in the checkpoint): {", ".join(fresh)}')
+    if dropped:
+        _logger.info(f'not used by this model: {", ".join(dropped)}')
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: 'PIIP') -> Dict[str, torch.Tensor]:
+    """Any PIIP checkpoint (this package's layout, the original's, or assembled branch weights) ->
+    a complete state dict for ``model``."""
     state_dict = unwrap_state_dict(state_dict)
     if is_original_layout(state_dict):
         state_dict = convert_original_state_dict(state_dict)
-    _resample_pos_embeds(state_dict, model)
-    return state_dict
+    groups = dict(_OPTIONAL_GROUPS)
+    if _is_branch_checkpoint(state_dict):
+        state_dict = adapt_branch_weights(state_dict, model)
+        groups.update(_BRANCH_ONLY_FRESH)
+    else:
+        for i, cfg in enumerate(model.branch_cfgs):
+            key = f'branches.{i}.pos_embed'
+            if key in state_dict and state_dict[key].shape != model.branches[i].pos_embed.shape:
+                state_dict[key] = _adapt_pos_embed(state_dict[key], cfg, key)
+    return complete_state_dict(state_dict, model, groups)
 
 
 # --------------------------------------------------------------------------- variants
@@ -588,7 +703,7 @@ VIT_SIZES = {
 # Branch families, as the original code configures them.
 DEIT_CLS = dict(init_values=1.0, class_token=True)  # DeiT with layer scale 1.0 (ImageNet classifiers)
 AUGREG_CLS = dict(class_token=True, pos_embed_class_slot=True)  # AugReg ViT (ImageNet classifiers)
-DEIT3_DET = dict(init_values=1.0, pos_embed_grid=14)  # DeiT III / DeiT at 224 (detectors)
+DEIT_DET = dict(init_values=1.0, pos_embed_grid=14)  # DeiT / DeiT III at 224 (detectors)
 INTERNVIT_6B = dict(
     qkv_bias=False, init_values=0.1, norm='rmsnorm', qk_norm=True, mlp_act='gelu_tanh', pos_embed_class_slot=True,
     pos_embed_grid=14, drop_path_schedule='linear')
@@ -597,29 +712,71 @@ MAE_H = dict(init_values=1.0, mlp_act='gelu_tanh', pos_embed_class_slot=True, po
 DEIT3_L_384 = dict(init_values=1.0, mlp_act='gelu_tanh', pos_embed_grid=24)
 
 
-def vit_branch(size: str, img_size: int, drop_path_rate: float, num_interactions: int, **kwargs) -> BranchCfg:
-    """A branch of one of the standard ViT sizes with its blocks split evenly over the interactions."""
+def vit_branch(
+        size: str,
+        img_size: int,
+        drop_path_rate: float,
+        num_interactions: int,
+        block_ranges: Optional[BlockRanges] = None,
+        **kwargs,
+) -> BranchCfg:
+    """A branch of one of the standard ViT sizes, its blocks split evenly over the interactions by default."""
     embed_dim, depth, num_heads = VIT_SIZES[size]
     return BranchCfg(
         img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-        block_ranges=even_block_ranges(depth, num_interactions), drop_path_rate=drop_path_rate, **kwargs)
+        block_ranges=block_ranges or even_block_ranges(depth, num_interactions), drop_path_rate=drop_path_rate,
+        **kwargs)
 
 
 @dataclass(frozen=True)
 class VariantCfg:
-    """A registered PIIP variant: the paper's branches, interactions and heads.
+    """A PIIP architecture: branches, interactions and heads.
 
-    No variant builds a feature pyramid for classification (it would get no gradient);
-    ``features_only=True`` adds the detectors' conv merge and simple pyramid.
+    No classifier builds a feature pyramid (it would get no gradient); ``features_only=True`` adds
+    the detectors' conv merge and simple pyramid.
     """
     branches: Tuple[BranchCfg, ...]
     interaction: InteractionCfg = InteractionCfg()
     head: HeadStyle = 'separate'
     merge: Optional[MergeStyle] = None
-    pyramid: Optional[Tuple[str, ...]] = None
 
 
 ALL_LEVELS = ('up4', 'up2', 'same', 'down2')
+
+
+def tsb_detector(sizes=(448, 896, 1120)) -> VariantCfg:
+    """mmdetection/configs/piip/3branch/mask_rcnn_deit_tsb_*: DeiT III-B/S, DeiT-T, windows of 14."""
+    return VariantCfg(branches=(
+        vit_branch('B', sizes[0], 0.15, 12, window_size=14, **DEIT_DET),
+        vit_branch('S', sizes[1], 0.05, 12, window_size=14, **DEIT_DET),
+        vit_branch('T', sizes[2], 0.05, 12, window_size=14, **DEIT_DET),
+    ), head='merged', merge='conv')
+
+
+def sbl_detector(sizes=(448, 672, 1120)) -> VariantCfg:
+    """mmdetection/configs/piip/3branch/mask_rcnn_deit_sbl_*: DeiT III-L/B/S, windows of 28."""
+    return VariantCfg(branches=(
+        vit_branch('L', sizes[0], 0.4, 12, window_size=28, **DEIT_DET),
+        vit_branch('B', sizes[1], 0.15, 12, window_size=28, **DEIT_DET),
+        vit_branch('S', sizes[2], 0.05, 12, window_size=28, **DEIT_DET),
+    ), head='merged', merge='conv')
+
+
+def tsbl_detector(sizes=(448, 672, 896, 1344), released: bool = False) -> VariantCfg:
+    """mmdetection/configs/piip/4branch/*: DeiT III-L/B/S, DeiT-T, windows of 28.
+
+    ``released``: the released checkpoints' fourth branch is a copy of the third (DeiT-S), because
+    ``piip_4branch.py`` builds it as ``vit_models(**branch3)``.
+    """
+    finest = vit_branch('S', sizes[3], 0.05, 12, window_size=28, **DEIT_DET) if released else \
+        vit_branch('T', sizes[3], 0.05, 12, window_size=28, **DEIT_DET)
+    return VariantCfg(branches=(
+        vit_branch('L', sizes[0], 0.4, 12, window_size=28, **DEIT_DET),
+        vit_branch('B', sizes[1], 0.15, 12, window_size=28, **DEIT_DET),
+        vit_branch('S', sizes[2], 0.05, 12, window_size=28, **DEIT_DET),
+        finest,
+    ), head='merged', merge='conv')
+
 
 VARIANTS: Dict[str, VariantCfg] = {
     # ImageNet PIIP-TSB 368/192/128 (classification/configs/piip_3branch_tsb_368-192-128_cls_token_deit1.py)
@@ -634,15 +791,8 @@ VARIANTS: Dict[str, VariantCfg] = {
         vit_branch('B', 192, 0.2, 12, **AUGREG_CLS),
         vit_branch('S', 384, 0.05, 12, **AUGREG_CLS),
     )),
-    # COCO PIIP-TSBL 1344/896/672/448 (mmdetection/configs/piip/4branch/mask_rcnn_deit_tsbl_1344_896_672_448_*)
-    'piip_tsbl': VariantCfg(
-        branches=(
-            vit_branch('L', 448, 0.4, 12, window_size=28, **DEIT3_DET),
-            vit_branch('B', 672, 0.15, 12, window_size=28, **DEIT3_DET),
-            vit_branch('S', 896, 0.05, 12, window_size=28, **DEIT3_DET),
-            vit_branch('T', 1344, 0.05, 12, window_size=28, **DEIT3_DET),
-        ),
-        head='merged', merge='conv'),
+    # COCO PIIP-TSBL 1344/896/672/448 as the paper describes it (branch4 DeiT-T)
+    'piip_tsbl': tsbl_detector(),
     # COCO PIIP-LH6B 1536/1024/512 (mmdetection/configs/piip/3branch/*_internvit_lh6b_1536_1024_512_*)
     'piip_lh6b': VariantCfg(
         branches=(
@@ -652,6 +802,102 @@ VARIANTS: Dict[str, VariantCfg] = {
         ),
         interaction=InteractionCfg(project=False, norm=False),
         head='merged', merge='conv'),
+    # COCO PIIP-H6B 1024/512 (mmdetection/configs/piip/2branch/mask_rcnn_internvit_h6b_1024_512_*)
+    'piip_h6b': VariantCfg(
+        branches=(
+            vit_branch('6B', 512, 0.4, 12, **{**INTERNVIT_6B, 'mlp_act': 'gelu'}),
+            vit_branch('H', 1024, 0.4, 12, **{**MAE_H, 'mlp_act': 'gelu'}, block_ranges=(
+                (0, 1), (2, 3), (4, 5), (6, 7), (8, 10), (11, 13), (14, 16), (17, 19), (20, 22), (23, 25),
+                (26, 28), (29, 31))),
+        ),
+        head='merged', merge='conv'),
+}
+
+# Weights of the branches' own pretrained models (how the paper starts every run).
+DEIT_IN1K = ('deit_base_patch16_224.fb_in1k', 'deit_small_patch16_224.fb_in1k', 'deit_tiny_patch16_224.fb_in1k')
+AUGREG = ('vit_large_patch16_224.augreg_in21k_ft_in1k', 'vit_base_patch16_224.augreg_in21k_ft_in1k',
+          'vit_small_patch16_224.augreg_in21k_ft_in1k')
+DEIT3_L, DEIT3_B, DEIT3_S = ('deit3_large_patch16_224.fb_in22k_ft_in1k', 'deit3_base_patch16_224.fb_in22k_ft_in1k',
+                             'deit3_small_patch16_224.fb_in22k_ft_in1k')
+DEIT_T = 'deit_tiny_patch16_224.fb_in1k'
+INTERNVIT_6B_REPO = 'OpenGVLab/InternViT-6B-224px'
+MAE_H_TIMM = 'vit_huge_patch14_224.mae'
+DEIT3_L_384_TIMM = 'deit3_large_patch16_384.fb_in22k_ft_in1k'
+
+
+@dataclass(frozen=True)
+class PretrainedTag:
+    """One pretrained tag: its architecture, and either a released PIIP file or per-branch sources."""
+    arch: VariantCfg
+    file: Optional[str] = None  # in OpenGVLab/PIIP
+    branch_sources: Tuple[BranchSource, ...] = ()
+    notes: str = ''
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.file is not None and self.file.startswith('classification/')
+
+
+def _timm(*names: str) -> Tuple[BranchSource, ...]:
+    return tuple(BranchSource(timm_model=n) for n in names)
+
+
+def _coco(kind: str, sizes: Sequence[int]) -> str:
+    levels = '_'.join(str(s) for s in reversed(sizes))
+    return f'detection/mask_rcnn_{kind}_{levels}_fpn_1x_coco_bs16.pth'
+
+
+PIIP_REPO = 'OpenGVLab/PIIP'
+# variant -> tag -> weights. The first tag of a variant is what pretrained=True gives.
+PRETRAINED: Dict[str, Dict[str, PretrainedTag]] = {
+    'piip_tsb': {
+        'in1k': PretrainedTag(VARIANTS['piip_tsb'], 'classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth',
+                              notes='ImageNet-1k classifier, 82.1% top-1'),
+        'deit_in1k': PretrainedTag(VARIANTS['piip_tsb'], branch_sources=_timm(*DEIT_IN1K),
+                                   notes='DeiT-B/S/T branches; interactions and heads fresh'),
+        **{f'coco_{sizes[2]}_{sizes[1]}_{sizes[0]}': PretrainedTag(
+            tsb_detector(sizes), _coco('deit_tsb', sizes), notes='COCO Mask R-CNN 1x backbone')
+           for sizes in ((448, 896, 1120), (448, 896, 1568), (672, 1120, 1568))},
+        'deit3_in22k': PretrainedTag(tsb_detector(), branch_sources=_timm(DEIT3_B, DEIT3_S, DEIT_T),
+                                     notes='detector start: DeiT III-B/S, DeiT-T branches; the rest fresh'),
+    },
+    'piip_sbl': {
+        'in1k': PretrainedTag(VARIANTS['piip_sbl'], 'classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth',
+                              notes='ImageNet-1k classifier, 85.9% top-1'),
+        'in1k_320': PretrainedTag(
+            VariantCfg(branches=tuple(replace(b, img_size=s) for b, s in zip(VARIANTS['piip_sbl'].branches,
+                                                                               (96, 160, 320)))),
+            'classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth', notes='ImageNet-1k classifier, 85.2%'),
+        'augreg_in21k_ft_in1k': PretrainedTag(VARIANTS['piip_sbl'], branch_sources=_timm(*AUGREG),
+                                              notes='AugReg ViT-L/B/S branches; interactions and heads fresh'),
+        **{f'coco_{sizes[2]}_{sizes[1]}_{sizes[0]}': PretrainedTag(
+            sbl_detector(sizes), _coco('deit_sbl', sizes), notes='COCO Mask R-CNN 1x backbone')
+           for sizes in ((448, 672, 1120), (448, 896, 1344), (672, 896, 1568), (672, 1120, 1568))},
+        'deit3_in22k': PretrainedTag(sbl_detector(), branch_sources=_timm(DEIT3_L, DEIT3_B, DEIT3_S),
+                                     notes='detector start: DeiT III-L/B/S branches; the rest fresh'),
+    },
+    'piip_tsbl': {
+        'deit3_in22k': PretrainedTag(VARIANTS['piip_tsbl'], branch_sources=_timm(DEIT3_L, DEIT3_B, DEIT3_S, DEIT_T),
+                                     notes='DeiT III-L/B/S, DeiT-T branches; the rest fresh'),
+        **{f'coco_{sizes[3]}_{sizes[2]}_{sizes[1]}_{sizes[0]}': PretrainedTag(
+            tsbl_detector(sizes, released=True), _coco('deit_tsbl', sizes),
+            notes='COCO Mask R-CNN 1x backbone (fourth branch: a DeiT-S copy, as released)')
+           for sizes in ((448, 672, 896, 1344), (448, 672, 1120, 1568), (448, 1120, 1568, 1792))},
+    },
+    'piip_lh6b': {
+        'branches': PretrainedTag(VARIANTS['piip_lh6b'], branch_sources=(
+            BranchSource(internvit_repo=INTERNVIT_6B_REPO), BranchSource(timm_model=MAE_H_TIMM),
+            BranchSource(timm_model=DEIT3_L_384_TIMM)),
+            notes='InternViT-6B, MAE ViT-H, DeiT III-L-384 branches; the rest fresh'),
+    },
+    'piip_h6b': {
+        'coco_1024_512': PretrainedTag(
+            VARIANTS['piip_h6b'], 'detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms.pth',
+            notes='COCO Mask R-CNN 1x backbone'),
+        'branches': PretrainedTag(VARIANTS['piip_h6b'], branch_sources=(
+            BranchSource(internvit_repo=INTERNVIT_6B_REPO), BranchSource(timm_model=MAE_H_TIMM)),
+            notes='InternViT-6B, MAE ViT-H branches; the rest fresh'),
+    },
 }
 
 
@@ -663,19 +909,19 @@ def _per_branch(value: Any, count: int, name: str) -> List[Any]:
     return [value] * count
 
 
-def variant_branches(
-        variant: str,
+def customize_branches(
+        branches: Sequence[BranchCfg],
         img_size: Union[None, int, Sequence[int]] = None,
         window_size: Union[None, int, Sequence[Optional[int]]] = -1,
         drop_path_rate: Optional[float] = None,
 ) -> Tuple[BranchCfg, ...]:
-    """The variant's branches, with user choices applied.
+    """Branches with user choices applied.
 
     ``img_size``: the finest branch's size (the others keep their ratios) or one size per branch.
     ``window_size``: window side for every block (None: global attention), or one per branch;
-    -1 keeps the variant's. ``drop_path_rate``: the same rate for every branch.
+    -1 keeps the branches'. ``drop_path_rate``: the same rate for every branch.
     """
-    branches = VARIANTS[variant].branches
+    branches = tuple(branches)
     if img_size is not None:
         if isinstance(img_size, (list, tuple)) and len(img_size) == 2 and len(branches) != 2 \
                 and img_size[0] == img_size[1]:
@@ -695,70 +941,189 @@ def variant_branches(
     return branches
 
 
-def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
-    spec = VARIANTS[variant]
-    branches = variant_branches(
-        variant, kwargs.pop('img_size', None), kwargs.pop('window_size', -1), kwargs.pop('drop_path_rate', None))
-    merge, pyramid = kwargs.pop('merge', spec.merge), kwargs.pop('pyramid', spec.pyramid)
-    if kwargs.get('features_only'):
-        # The dense path needs a merged map and its pyramid; classifiers get the detectors' conv merge.
-        merge, pyramid = merge or 'conv', pyramid or ALL_LEVELS
-    return build_model_with_cfg(
-        PIIP, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(len(pyramid or ())))),
-        branches=branches,
-        interaction=kwargs.pop('interaction', spec.interaction),
-        head=kwargs.pop('head', spec.head),
-        merge=merge,
-        pyramid=pyramid,
-        **kwargs,
+def _as_branch(cfg: Union[BranchCfg, Mapping[str, Any]]) -> BranchCfg:
+    if isinstance(cfg, BranchCfg):
+        return cfg
+    cfg = dict(cfg)
+    cfg['block_ranges'] = tuple(tuple(r) for r in cfg['block_ranges'])
+    if isinstance(cfg.get('window_size'), list):
+        cfg['window_size'] = tuple(cfg['window_size'])
+    return BranchCfg(**cfg)
+
+
+def model_args(model: 'PIIP') -> Dict[str, Any]:
+    """JSON-serialisable constructor arguments that rebuild ``model`` through ``timm.create_model('piip', ...)``."""
+    return dict(
+        branches=[asdict(b) for b in model.branch_cfgs],
+        interaction=asdict(model.interaction_cfg),
+        head=model.head_style,
+        merge=model.merge_style,
+        pyramid=list(model.pyramid.level_names) if model.pyramid is not None else None,
+        global_pool=model.global_pool,
     )
 
 
-def _cfg(variant: str, **kwargs) -> Dict[str, Any]:
-    spec = VARIANTS[variant]
-    size = spec.branches[-1].img_size
-    n = len(spec.branches)
-    return dict(
+def _resolve_tag(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], Optional[PretrainedTag]]:
+    """The pretrained tag a create_model call refers to (the variant's first tag by default)."""
+    cfg = kwargs.get('pretrained_cfg')
+    if isinstance(cfg, str):
+        tag = cfg
+    elif cfg is not None:
+        tag = cfg.get('tag') if isinstance(cfg, Mapping) else getattr(cfg, 'tag', None)
+    else:
+        tag = next(iter(PRETRAINED.get(variant, {})), None)
+    return tag, PRETRAINED.get(variant, {}).get(tag)
+
+
+def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
+    tag, weights = _resolve_tag(variant, kwargs)
+    spec = weights.arch if weights else VARIANTS.get(variant)
+    branches = kwargs.pop('branches', None) or (spec.branches if spec else None)
+    if branches is None:
+        raise ValueError(f'{variant} needs branches=[...] (a list of BranchCfg or their dicts).')
+    branches = customize_branches(
+        [_as_branch(b) for b in branches],
+        kwargs.pop('img_size', None), kwargs.pop('window_size', -1), kwargs.pop('drop_path_rate', None))
+    interaction = kwargs.pop('interaction', spec.interaction if spec else InteractionCfg())
+    if isinstance(interaction, Mapping):
+        interaction = InteractionCfg(**interaction)
+    head = kwargs.pop('head', spec.head if spec else 'merged')
+    merge = kwargs.pop('merge', spec.merge if spec else None)
+    pyramid = kwargs.pop('pyramid', None)
+    if kwargs.get('features_only'):
+        # The dense path needs a merged map and its pyramid; classifiers get the detectors' conv merge.
+        merge, pyramid = merge or 'conv', pyramid or ALL_LEVELS
+    if head == 'merged' and weights is not None and not weights.is_classifier and not weights.branch_sources:
+        # Detector backbones: no classifier unless asked for one.
+        head = 'merged' if kwargs.get('num_classes') else None
+        kwargs.setdefault('num_classes', 0)
+
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if pretrained and not any(overlay.get(k) for k in ('file', 'state_dict', 'url')):
+        if weights is not None and weights.branch_sources:
+            check_hub_files([f for s in weights.branch_sources for f in s.hub_files()])
+            assembled = {}
+            for i, source in enumerate(weights.branch_sources):
+                assembled.update({f'branches.{i}.{k}': v for k, v in load_branch_state_dict(source).items()})
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=assembled)
+        else:
+            cfg = kwargs.get('pretrained_cfg')
+            repo = (cfg.get('hf_hub_id') if isinstance(cfg, Mapping) else None) or (
+                PIIP_REPO if weights is not None and weights.file else None)
+            if repo:
+                filename = weights.file if weights is not None and weights.file else 'model.safetensors'
+                check_hub_files([HubFile(repo, filename)])
+    try:
+        with allow_training_metadata():
+            model = build_model_with_cfg(
+                PIIP, variant, pretrained,
+                pretrained_filter_fn=checkpoint_filter_fn,
+                feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(len(pyramid or ())))),
+                branches=branches, interaction=interaction, head=head, merge=merge, pyramid=pyramid,
+                **kwargs,
+            )
+    except Exception as e:
+        raise _weights_error(e, variant, overlay, weights, kwargs) or e
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+        cfg['state_dict'] = None  # do not keep a second copy of the weights alive
+    return model
+
+
+def _weights_error(
+        error: Exception,
+        variant: str,
+        overlay: Mapping[str, Any],
+        weights: Optional[PretrainedTag],
+        kwargs: Mapping[str, Any],
+) -> Optional[Exception]:
+    """A clear error for an unreadable or refused weight file (None for anything else)."""
+    from safetensors import SafetensorError
+    cfg = kwargs.get('pretrained_cfg')
+    where = overlay.get('file') or overlay.get('hf_hub_id') or (
+        cfg.get('hf_hub_id') if isinstance(cfg, Mapping) else None) or (
+        f'{PIIP_REPO}/{weights.file}' if weights is not None and weights.file else variant)
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and (
+            'weights_only' in str(error) or 'Unsupported global' in str(error)):
+        return ValueError(
+            f'the weights at {where} were refused: the file is a pickle that needs more than tensors to load '
+            f'({first_line}); only weights-only checkpoints and safetensors are accepted.')
+    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)) or (
+            isinstance(error, RuntimeError) and ('PytorchStreamReader' in str(error) or 'zip archive' in str(error))):
+        return ValueError(
+            f'the weights at {where} are not a readable checkpoint ({type(error).__name__}: {first_line}); the file '
+            'may be truncated or corrupt: delete it (or its copy in the Hugging Face cache) and download it again.')
+    return None
+
+
+def _cfg(arch: VariantCfg, **kwargs) -> Dict[str, Any]:
+    size = arch.branches[-1].img_size
+    n = len(arch.branches)
+    cfg = dict(
         url='', num_classes=1000, input_size=(3, size, size), pool_size=None, crop_pct=1.0,
         interpolation='bicubic', fixed_input_size=False,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         first_conv=tuple(f'branches.{i}.patch_embed.proj' for i in range(n)),
-        classifier=tuple(f'head.{i}' for i in range(n)) if spec.head == 'separate' else 'head',
-        license='mit', paper_ids='arXiv:2406.04330', **kwargs,
+        classifier=tuple(f'head.{i}' for i in range(n)) if arch.head == 'separate' else 'head',
+        license='mit', paper_ids='arXiv:2406.04330, arXiv:2501.07783',
     )
+    cfg.update(kwargs)
+    return cfg
 
 
-from timm.models import generate_default_cfgs  # noqa: E402  (kept beside the table it serves)
+def _tag_cfg(tag: PretrainedTag) -> Dict[str, Any]:
+    if tag.file:
+        extra = dict(hf_hub_id=PIIP_REPO, hf_hub_filename=tag.file, notes=tag.notes)
+        if not tag.is_classifier:
+            extra.update(num_classes=0, classifier=None)
+        return _cfg(tag.arch, **extra)
+    sources = ', '.join(str(s) for s in tag.branch_sources)
+    return _cfg(tag.arch, notes=f'{tag.notes} (from {sources})')
+
 
 default_cfgs = generate_default_cfgs({
-    'piip_tsb.untrained': _cfg('piip_tsb'),
-    'piip_sbl.untrained': _cfg('piip_sbl'),
-    'piip_tsbl.untrained': _cfg('piip_tsbl'),
-    'piip_lh6b.untrained': _cfg('piip_lh6b'),
+    **{f'{variant}.{name}': _tag_cfg(tag) for variant, tags in PRETRAINED.items() for name, tag in tags.items()},
+    'piip': _cfg(VARIANTS['piip_tsb'], num_classes=0, classifier=None, first_conv=None),
 })
+for _variant, _tags in PRETRAINED.items():
+    # The first tag is the default even when its weights are assembled from branch repos (timm would
+    # otherwise prefer the first tag with a single weight file).
+    default_cfgs[_variant].tags.remove(next(iter(_tags)))
+    default_cfgs[_variant].tags.appendleft(next(iter(_tags)))
 
 
 @register_model
 def piip_tsb(pretrained: bool = False, **kwargs) -> PIIP:
-    """PIIP-TSB: DeiT-T/S/B on 368/192/128 px (ImageNet config)."""
+    """PIIP-TSB: DeiT-B/S/T on 128/192/368 px (ImageNet); COCO tags: the detectors' configuration."""
     return _create_piip('piip_tsb', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def piip_sbl(pretrained: bool = False, **kwargs) -> PIIP:
-    """PIIP-SBL: AugReg ViT-S/B/L on 384/192/128 px (ImageNet config)."""
+    """PIIP-SBL: AugReg ViT-L/B/S on 128/192/384 px (ImageNet); COCO tags: DeiT III-L/B/S detectors."""
     return _create_piip('piip_sbl', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def piip_tsbl(pretrained: bool = False, **kwargs) -> PIIP:
-    """PIIP-TSBL: DeiT-T / DeiT III-S/B/L on 1344/896/672/448 px (COCO config, windows of 28)."""
+    """PIIP-TSBL: DeiT III-L/B/S and DeiT-T on 448/672/896/1344 px (COCO configuration, windows of 28)."""
     return _create_piip('piip_tsbl', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def piip_lh6b(pretrained: bool = False, **kwargs) -> PIIP:
-    """PIIP-LH6B: DeiT III-L-384 / MAE ViT-H / InternViT-6B on 1536/1024/512 px (COCO config)."""
+    """PIIP-LH6B: InternViT-6B / MAE ViT-H / DeiT III-L-384 on 512/1024/1536 px (COCO configuration)."""
     return _create_piip('piip_lh6b', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_h6b(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-H6B: InternViT-6B / MAE ViT-H on 512/1024 px (COCO configuration)."""
+    return _create_piip('piip_h6b', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip(pretrained: bool = False, **kwargs) -> PIIP:
+    """A PIIP built from explicit ``branches=[...]`` (BranchCfg or dicts), as written by the converter."""
+    return _create_piip('piip', pretrained=pretrained, **kwargs)

@@ -1,12 +1,25 @@
 """Loading weight files safely and strictly."""
+import argparse
+import contextlib
 import os
 import pickle
-from typing import Dict, Mapping, Union
+from typing import Dict, Iterator, Mapping, Union
 
 import torch
 from torch import nn
 
-__all__ = ['load_checkpoint_file', 'load_strict']
+__all__ = ['load_checkpoint_file', 'load_strict', 'allow_training_metadata']
+
+# Plain data that training scripts store beside the weights (DeiT-style checkpoints keep their
+# argparse ``args``). Unpickling it only sets attributes; nothing else is allowed.
+TRAINING_METADATA_GLOBALS = [argparse.Namespace]
+
+
+@contextlib.contextmanager
+def allow_training_metadata() -> Iterator[None]:
+    """Within this block, ``torch.load(weights_only=True)`` also accepts ``argparse.Namespace``."""
+    with torch.serialization.safe_globals(TRAINING_METADATA_GLOBALS):
+        yield
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
@@ -25,7 +38,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
             raise ValueError(f'{path!r} is not a readable safetensors file ({e}); re-download or re-convert it.') from e
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with allow_training_metadata():
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f'{path!r} was refused: it is a pickle that needs more than tensors to load ({str(e).splitlines()[0]}); '

@@ -1,0 +1,149 @@
+"""Weight files in the exact layouts of the real Hub repositories, at tiny sizes.
+
+* ``timm/<model>``: ``model.safetensors`` with timm's ViT keys, from timm's own architecture
+  definition at narrow width (so flags like class slot / layer scale / patch size are the real ones).
+* ``OpenGVLab/InternViT-6B-224px``: transformers InternViT keys in two safetensors shards + index.
+* ``OpenGVLab/PIIP``: original-layout PIIP checkpoints, ``{'model': ...}`` for classifiers and mmdet's
+  ``{'state_dict': {'backbone.*', 'neck.*', ...}, 'meta': ...}`` for detectors.
+"""
+import argparse
+import io
+import json
+from dataclasses import asdict
+from typing import Dict, List
+
+import timm
+import torch
+from safetensors.torch import save as save_safetensors
+
+from piip_timm.piip import BranchCfg
+
+INTERNVIT_REPO = 'OpenGVLab/InternViT-6B-224px'
+
+
+def random_like(state: Dict[str, torch.Tensor], seed: int) -> Dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in state.items()}
+
+
+def timm_branch_weights(timm_name: str, cfg: BranchCfg, seed: int) -> Dict[str, torch.Tensor]:
+    """A tiny twin of a timm pretrained model's weights (timm keys, the real model's flags and grid)."""
+    arch = timm_name.split('.')[0]
+    model = timm.create_model(arch, pretrained=False, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                              num_heads=cfg.num_heads)
+    return random_like(model.state_dict(), seed)
+
+
+def internvit_hf_weights(cfg: BranchCfg, seed: int) -> Dict[str, torch.Tensor]:
+    """A tiny InternViT-6B-224px in transformers' InternVisionModel layout (patch 14, 16x16 grid + class)."""
+    d = cfg.embed_dim
+    shapes = {
+        'embeddings.class_embedding': (1, 1, d),
+        'embeddings.patch_embedding.weight': (d, 3, 14, 14),
+        'embeddings.patch_embedding.bias': (d,),
+        'embeddings.position_embedding': (1, 257, d),
+    }
+    for i in range(cfg.depth):
+        p = f'encoder.layers.{i}.'
+        shapes.update({
+            p + 'attn.qkv.weight': (3 * d, d), p + 'attn.q_norm.weight': (d,), p + 'attn.k_norm.weight': (d,),
+            p + 'attn.proj.weight': (d, d), p + 'attn.proj.bias': (d,),
+            p + 'mlp.fc1.weight': (4 * d, d), p + 'mlp.fc1.bias': (4 * d,),
+            p + 'mlp.fc2.weight': (d, 4 * d), p + 'mlp.fc2.bias': (d,),
+            p + 'norm1.weight': (d,), p + 'norm2.weight': (d,), p + 'ls1': (d,), p + 'ls2': (d,),
+        })
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def internvit_repo_files(weights: Dict[str, torch.Tensor]) -> Dict[str, bytes]:
+    """Two shards and the index, as transformers writes them."""
+    keys = sorted(weights)
+    halves = {'model-00001-of-00002.safetensors': keys[: len(keys) // 2],
+              'model-00002-of-00002.safetensors': keys[len(keys) // 2:]}
+    files = {name: save_safetensors({k: weights[k].contiguous() for k in names}) for name, names in halves.items()}
+    index = {'metadata': {'total_size': sum(v.numel() * v.element_size() for v in weights.values())},
+             'weight_map': {k: name for name, names in halves.items() for k in names}}
+    files['model.safetensors.index.json'] = json.dumps(index).encode()
+    return files
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def released_classifier_file(original_state: Dict[str, torch.Tensor]) -> bytes:
+    """A DeiT-style training checkpoint: weights under 'model', training arguments as a Namespace."""
+    return torch_bytes({'model': original_state, 'epoch': 299,
+                        'args': argparse.Namespace(model='piip_3branch', lr=5e-4, input_size=368)})
+
+
+def released_detector_file(original_state: Dict[str, torch.Tensor]) -> bytes:
+    """An mmdet checkpoint: the backbone under 'backbone.', beside neck and heads, with mmcv's meta."""
+    state = {f'backbone.{k}': v for k, v in original_state.items()}
+    state.update({'neck.lateral_convs.0.conv.weight': torch.zeros(4, 4, 1, 1),
+                  'rpn_head.rpn_conv.weight': torch.zeros(4, 4, 3, 3)})
+    meta = {'mmdet_version': '2.25.3', 'CLASSES': ('person', 'bicycle'), 'epoch': 12, 'iter': 87960,
+            'config': 'model = dict(...)', 'hook_msgs': {'last_ckpt': 'work_dirs/epoch_12.pth'}}
+    return torch_bytes({'meta': meta, 'state_dict': state})
+
+
+def branch_dicts(branches: List[BranchCfg]) -> List[dict]:
+    return [asdict(b) for b in branches]
+
+
+# Tiny widths by the real branch width: every tag that uses a pretrained model gets the same twin.
+TINY_WIDTH = {3200: 128, 1280: 96, 1024: 96, 768: 64, 384: 32, 192: 32}
+
+
+def pretrained_tiny_branches(branches: List[BranchCfg], interactions: int = 2) -> List[BranchCfg]:
+    """Tiny twins of a tag's branches whose shapes depend only on the pretrained model of each branch."""
+    from dataclasses import replace
+    from piip_timm.piip import even_block_ranges
+    out = []
+    for i, b in enumerate(branches):
+        dim = TINY_WIDTH[b.embed_dim]
+        per_step = 1 if all(s == e for s, e in b.block_ranges) else 2
+        depth = per_step * interactions
+        out.append(replace(
+            b, embed_dim=dim, num_heads=dim // 32, depth=depth, img_size=32 * (i + 2),
+            pos_embed_grid=4 if b.pos_embed_grid else None, block_ranges=even_block_ranges(depth, interactions),
+            window_size=2 if b.window_size else None))
+    return out
+
+
+def to_original_layout(state: Dict[str, torch.Tensor], layer_scale_as_gamma: set) -> Dict[str, torch.Tensor]:
+    """This package's layout -> the original's, written out independently of piip_timm.convert.
+
+    ``layer_scale_as_gamma``: branch indices built as deit.py vit_models (gamma_1/gamma_2 names).
+    """
+    import re
+    units = {'fine_to_coarse_proj': 'branch2to1_proj', 'coarse_to_fine_proj': 'branch1to2_proj',
+             'fine_to_coarse': 'branch2to1_injector', 'coarse_to_fine': 'branch1to2_injector'}
+    merges = {'conv1': '0', 'norm1': '1', 'conv2': '3', 'norm2': '4'}
+    out = {}
+    for key, value in state.items():
+        if m := re.match(r'branches\.(\d+)\.(.*)', key):
+            i, rest = int(m.group(1)), m.group(2)
+            if i in layer_scale_as_gamma:
+                rest = re.sub(r'ls([12])\.gamma$', r'gamma_\1', rest)
+            out[f'branch{i + 1}.{rest}'] = value
+        elif m := re.match(r'interactions\.(\d+)\.(\d+)\.([a-z_]+)\.(.*)', key):
+            step, u, part, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+            rest = rest.replace('attn_gamma', 'ca_gamma').replace('ffn_gamma', 'cffn_gamma')
+            rest = rest.replace('ffn.dwconv.', 'ffn.dwconv.dwconv.')
+            out[f'interactions.{step}.interaction_units_{u + 1}{u + 2}.{units[part]}.{rest}'] = value
+        elif m := re.match(r'merges\.(\d+)\.([a-z0-9]+)\.(.*)', key):
+            out[f'merge_branch{int(m.group(1)) + 1}.{merges[m.group(2)]}.{m.group(3)}'] = value
+        elif key == 'branch_weights':
+            for i, w in enumerate(value):
+                out[f'w{i + 1}'] = w.clone()
+        elif m := re.match(r'pyramid\.up4\.(.*)', key):
+            out[f'fpn1.{m.group(1)}'] = value
+        elif m := re.match(r'pyramid\.up2\.(.*)', key):
+            out[f'fpn2.{m.group(1)}'] = value
+        else:
+            raise KeyError(key)
+    return out

@@ -1,0 +1,409 @@
+"""Pretrained weights through timm's machinery and the real hf_hub_download, against a local Hub.
+
+Every tag of every variant is loaded from files in the exact layout of its real repositories
+(tiny twins of the real shapes, or the reference cases' original-code weights), in a subprocess
+pointed at a local server speaking the Hub's resolve protocol.
+"""
+import json
+import math
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import piip_timm
+from piip_timm.convert import convert_original_state_dict
+from piip_timm.hub import convert_internvit_hf_state_dict
+from piip_timm.original import translate_original_config
+from piip_timm.piip import PIIP, PRETRAINED, PIIP_REPO, InteractionCfg
+
+from conftest import REFERENCE_DIR, load_case
+from fixtures import (INTERNVIT_REPO, branch_dicts, internvit_hf_weights, internvit_repo_files,
+                      pretrained_tiny_branches, random_like, released_classifier_file, released_detector_file,
+                      timm_branch_weights, to_original_layout)
+from hubtools import HungServer, LocalHub, dead_endpoint, run_python
+
+TINY_INTERACTION = dict(num_heads=4)
+# Reference cases (run through the original code) that stand in for each released file's weights.
+CASE_FOR_FILE = {
+    'classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth': 'cls3_sephead',
+    'classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth': 'cls3_augreg',
+    'classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth': 'cls3_augreg',
+}
+RELEASED = [(v, t, tag) for v, tags in PRETRAINED.items() for t, tag in tags.items() if tag.file]
+BRANCH_TAGS = [(v, t, tag) for v, tags in PRETRAINED.items() for t, tag in tags.items() if tag.branch_sources]
+
+
+def case_for(tag) -> str:
+    if tag.file in CASE_FOR_FILE:
+        return CASE_FOR_FILE[tag.file]
+    if '_tsbl_' in tag.file:
+        return 'det4'
+    if '_tsb_' in tag.file or '_sbl_' in tag.file:
+        return 'det3'
+    return ''  # H6B: no reference case; a tiny twin in the original layout
+
+
+def tiny_interaction(tag) -> dict:
+    return dict(vars(tag.arch.interaction), **TINY_INTERACTION)
+
+
+def h6b_twin():
+    """A tiny H6B detector in this package's layout with non-trivial weights, and its original-layout file."""
+    tag = PRETRAINED['piip_h6b']['coco_1024_512']
+    branches = pretrained_tiny_branches(tag.arch.branches)
+    model = PIIP(branches, interaction=InteractionCfg(**tiny_interaction(tag)), head=None, merge='conv',
+                 pyramid=('up4', 'up2', 'same', 'down2'), num_classes=0)
+    ours = random_like(model.state_dict(), seed=7)
+    return branches, ours, to_original_layout(ours, layer_scale_as_gamma=set())
+
+
+@pytest.fixture(scope='module')
+def hub(tmp_path_factory):
+    """A local Hub holding every repository the pretrained tags read, plus the expected weights."""
+    root = tmp_path_factory.mktemp('hub')
+    server = LocalHub(root)
+    expected = {}
+    for variant, name, tag in RELEASED:
+        case = case_for(tag)
+        if case:
+            _, state, _, _ = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')
+        else:
+            _, _, state = h6b_twin()
+        data = released_classifier_file(state) if tag.is_classifier else released_detector_file(state)
+        server.add(PIIP_REPO, tag.file, data)
+    branch_weights = {}
+    for variant, name, tag in BRANCH_TAGS:
+        for i, (source, cfg) in enumerate(zip(tag.branch_sources, pretrained_tiny_branches(tag.arch.branches))):
+            if str(source) in branch_weights:
+                continue
+            if source.timm_model:
+                import timm
+                weights = timm_branch_weights(source.timm_model, cfg, seed=len(branch_weights))
+                repo = timm.models.get_pretrained_cfg(source.timm_model).hf_hub_id
+                server.add(repo, 'model.safetensors', save_safetensors_bytes(weights))
+            else:
+                weights = internvit_hf_weights(cfg, seed=len(branch_weights))
+                for filename, data in internvit_repo_files(weights).items():
+                    server.add(INTERNVIT_REPO, filename, data)
+            branch_weights[str(source)] = weights
+    with server:
+        yield server, branch_weights
+
+
+def save_safetensors_bytes(weights) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.contiguous() for k, v in weights.items()})
+
+
+LOAD_SCRIPT = textwrap.dedent('''
+    import json, sys, torch, timm
+    from safetensors.torch import save_file
+    import piip_timm
+    jobs = json.loads(open(sys.argv[-1]).read()) if False else json.loads({jobs!r})
+    for job in jobs:
+        model = timm.create_model(job['name'], pretrained=True, **job['kwargs']).eval()
+        inner = getattr(model, 'model', model)
+        tensors = {{'state.' + k: v.contiguous() for k, v in inner.state_dict().items()}}
+        if job.get('input'):
+            x = torch.load(job['input'])
+            with torch.no_grad():
+                out = model(x)
+            for i, o in enumerate(out if isinstance(out, list) else [out]):
+                tensors[f'output.{{i}}'] = o.contiguous()
+        save_file(tensors, job['out'])
+        print('loaded', job['name'], flush=True)
+''')
+
+
+def load_in_subprocess(jobs, endpoint, hf_home, extra_env=None, timeout=900):
+    return run_python(LOAD_SCRIPT.format(jobs=json.dumps(jobs)), endpoint, hf_home, extra_env, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def released_results(hub, tmp_path_factory):
+    """Every released tag loaded through timm (one interpreter for all of them)."""
+    server, _ = hub
+    work = tmp_path_factory.mktemp('released')
+    jobs = []
+    for variant, name, tag in RELEASED:
+        case = case_for(tag)
+        job = dict(name=f'{variant}.{name}', out=str(work / f'{variant}.{name}.safetensors'))
+        if case:
+            config, _, x, _ = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')
+            kwargs, returned = translate_original_config(config['constructor_kwargs'], config['task'])
+            kwargs['branches'] = branch_dicts(kwargs['branches'])
+            kwargs['interaction'] = vars(kwargs['interaction'])
+            if config['task'] == 'det':
+                kwargs = dict(branches=kwargs['branches'], interaction=kwargs['interaction'], head=None,
+                              features_only=True, out_indices=returned)
+            else:
+                kwargs['pretrained_cfg_overlay'] = dict(num_classes=kwargs['num_classes'])
+            torch.save(x, work / f'{case}.input.pt')
+            job['input'] = str(work / f'{case}.input.pt')
+        else:
+            branches, _, _ = h6b_twin()
+            kwargs = dict(branches=branch_dicts(branches), interaction=tiny_interaction(tag), features_only=True)
+        job['kwargs'] = kwargs
+        jobs.append(job)
+    home = work / 'hf_home'
+    result = load_in_subprocess(jobs, server.endpoint, home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, home
+
+
+@pytest.mark.parametrize('variant, name, tag', RELEASED, ids=[f'{v}.{t}' for v, t, _ in RELEASED])
+def test_released_checkpoint_loads_through_timm_with_every_tensor_converted(released_results, variant, name, tag):
+    work, _ = released_results
+    tensors = load_file(str(work / f'{variant}.{name}.safetensors'))
+    state = {k[len('state.'):]: v for k, v in tensors.items() if k.startswith('state.')}
+    case = case_for(tag)
+    if case:
+        _, original, _, outputs = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')
+    else:
+        _, _, original = h6b_twin()
+    expected = convert_original_state_dict(original)
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    if case:  # the original's logits / feature maps, reproduced through the released-file path
+        produced = [tensors[f'output.{i}'] for i in range(len(outputs))]
+        for ours, ref in zip(produced, outputs):
+            assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.fixture(scope='module')
+def branch_results(hub, tmp_path_factory):
+    server, _ = hub
+    work = tmp_path_factory.mktemp('branches')
+    jobs = [dict(name=f'{v}.{t}', out=str(work / f'{v}.{t}.safetensors'),
+                 kwargs=dict(branches=branch_dicts(pretrained_tiny_branches(tag.arch.branches)),
+                             interaction=tiny_interaction(tag)))
+            for v, t, tag in BRANCH_TAGS]
+    result = load_in_subprocess(jobs, server.endpoint, work / 'hf_home')
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def independent_pos_resample(pos, target_grid, keep_slot):
+    """Bicubic, align_corners=False, no antialias, on the square grid after the optional class slot."""
+    n = pos.shape[1]
+    slot = 0 if int(math.isqrt(n)) ** 2 == n else 1
+    grid = math.isqrt(n - slot)
+    image = pos[:, slot:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(image, size=(target_grid, target_grid), mode='bicubic', align_corners=False)
+    resized = resized.permute(0, 2, 3, 1).reshape(1, target_grid * target_grid, -1)
+    return torch.cat((pos[:, :1], resized), 1) if keep_slot and slot else resized
+
+
+@pytest.mark.parametrize('variant, name, tag', BRANCH_TAGS, ids=[f'{v}.{t}' for v, t, _ in BRANCH_TAGS])
+def test_branch_weights_are_assembled_from_the_branch_repos(hub, branch_results, variant, name, tag):
+    _, sources = hub
+    state = {k[len('state.'):]: v for k, v in
+             load_file(str(branch_results / f'{variant}.{name}.safetensors')).items() if k.startswith('state.')}
+    branches = pretrained_tiny_branches(tag.arch.branches)
+    for i, (source, cfg) in enumerate(zip(tag.branch_sources, branches)):
+        raw = sources[str(source)]
+        weights = raw if source.timm_model else convert_internvit_hf_state_dict(raw)
+        prefix = f'branches.{i}.'
+        for key, value in weights.items():
+            if key.startswith('blocks.'):
+                assert torch.equal(state[prefix + key], value), prefix + key  # bit-equal block weights
+        grid = cfg.grid
+        assert torch.equal(state[prefix + 'pos_embed'],
+                           independent_pos_resample(weights['pos_embed'], grid, cfg.pos_embed_class_slot))
+        kernel = weights['patch_embed.proj.weight']
+        if kernel.shape[-1] != cfg.patch_size:
+            kernel = F.interpolate(kernel, size=(cfg.patch_size, cfg.patch_size), mode='bicubic', align_corners=False)
+        assert torch.equal(state[prefix + 'patch_embed.proj.weight'], kernel)
+        assert torch.equal(state[prefix + 'patch_embed.proj.bias'], weights['patch_embed.proj.bias'])
+        for j in range(cfg.depth):
+            if cfg.init_values and f'blocks.{j}.ls1.gamma' not in weights:  # DeiT / MAE: no layer scale
+                assert torch.all(state[f'{prefix}blocks.{j}.ls1.gamma'] == cfg.init_values)
+        if cfg.class_token:
+            assert torch.equal(state[prefix + 'cls_token'], weights['cls_token'])
+        else:
+            assert prefix + 'cls_token' not in state
+        if tag.arch.head == 'separate':  # the branches' own classifiers seed the separate heads
+            assert torch.equal(state[f'head.{i}.weight'], weights['head.weight'])
+            assert torch.equal(state[prefix + 'norm.weight'], weights['norm.weight'])
+    gammas = [v for k, v in state.items() if k.startswith('interactions.') and k.endswith('_gamma')]
+    assert gammas and all(torch.count_nonzero(g) == 0 for g in gammas)  # fresh interactions start as no-ops
+
+
+def sephead_architecture(**extra) -> dict:
+    """create_model kwargs for the cls3_sephead case's (TSB-like) architecture."""
+    case = load_case(REFERENCE_DIR / 'cases' / 'cls3_sephead.json')[0]
+    kwargs, _ = translate_original_config(case['constructor_kwargs'], 'cls')
+    return dict(branches=branch_dicts(kwargs['branches']), interaction=vars(kwargs['interaction']), **extra)
+
+
+def load_offline(name, kwargs, home, out):
+    result = load_in_subprocess([dict(name=name, out=str(out), kwargs=kwargs)], dead_endpoint(), home,
+                                {'HF_HUB_OFFLINE': '1'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(str(out))
+
+
+def test_prefilled_cache_works_offline_with_a_dead_endpoint(released_results, tmp_path):
+    work, home = released_results
+    offline = load_offline('piip_tsb.in1k', sephead_architecture(
+        num_classes=10, pretrained_cfg_overlay=dict(num_classes=10)), home, tmp_path / 'offline.safetensors')
+    online = load_file(str(work / 'piip_tsb.in1k.safetensors'))
+    assert set(offline) == {k for k in online if k.startswith('state.')}
+    assert all(torch.equal(offline[k], online[k]) for k in offline)
+
+
+def test_other_num_classes_gets_a_fresh_classifier_and_keeps_the_rest(released_results, tmp_path):
+    work, home = released_results
+    five = load_offline('piip_tsb.in1k', sephead_architecture(num_classes=5), home, tmp_path / 'five.safetensors')
+    full = load_file(str(work / 'piip_tsb.in1k.safetensors'))
+    assert five['state.head.0.weight'].shape == (5, 80)
+    assert all(torch.equal(five[k], full[k]) for k in five if not k.startswith('state.head.'))
+
+
+FAIL_SCRIPT = textwrap.dedent('''
+    import time, timm, piip_timm
+    start = time.time()
+    try:
+        timm.create_model({name!r}, pretrained=True, **{kwargs!r})
+    except Exception as e:
+        print(type(e).__name__ + ': ' + str(e))
+        print('elapsed', time.time() - start)
+    else:
+        print('LOADED')
+''')
+
+
+def _fail(name, endpoint, home, kwargs=None, env=None):
+    result = run_python(FAIL_SCRIPT.format(name=name, kwargs=kwargs or {}), endpoint, home, env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    return lines[0], float(lines[1].split()[1]) if len(lines) > 1 else None
+
+
+def test_dead_endpoint_fails_fast_naming_repo_file_and_the_local_alternative(tmp_path):
+    message, elapsed = _fail('piip_tsb.in1k', dead_endpoint(), tmp_path)
+    assert message.startswith('HubUnavailableError')
+    assert 'OpenGVLab/PIIP/classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth' in message
+    assert "pretrained_cfg_overlay=dict(file=" in message
+    assert elapsed < 10
+
+
+def test_hung_endpoint_fails_within_the_timeout(tmp_path):
+    with HungServer() as hung:
+        message, elapsed = _fail('piip_lh6b', hung.endpoint, tmp_path, env={'PIIP_HUB_TIMEOUT': '2'})
+    assert message.startswith('HubUnavailableError') and 'within 2 s' in message
+    assert 'OpenGVLab/InternViT-6B-224px' in message
+    assert elapsed < 15
+
+
+def test_offline_without_cache_says_so(tmp_path):
+    message, elapsed = _fail('piip_tsbl.coco_1344_896_672_448', dead_endpoint(), tmp_path, env={'HF_HUB_OFFLINE': '1'})
+    assert 'HF_HUB_OFFLINE' in message and 'mask_rcnn_deit_tsbl_1344_896_672_448' in message
+    assert elapsed < 5
+
+
+class Payload:
+    """Pickles to a call of os.system: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_malicious_pickle_is_refused_on_every_loading_path(hub, tmp_path):
+    server, _ = hub
+    marker = tmp_path / 'payload_ran'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {'branch1.pos_embed': torch.zeros(1), 'x': Payload(marker)}}, evil)
+    server.add('mallory/piip', 'model.pth', evil)
+    # 1. the Hub path (timm's hf_hub_download + torch.load weights_only)
+    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                       kwargs=dict(pretrained_cfg_overlay=dict(hf_hub_id='mallory/piip', hf_hub_filename='model.pth')))
+    assert 'refused' in message and 'pickle' in message
+    # 2. a local file through timm
+    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                       kwargs=dict(pretrained_cfg_overlay=dict(file=str(evil))))
+    assert 'refused' in message
+    # 3. the original-code bridge and the converter
+    config = load_case(REFERENCE_DIR / 'cases' / 'cls2.json')[0]['constructor_kwargs']
+    with pytest.raises(ValueError, match='refused'):
+        piip_timm.from_original(config, 'cls', checkpoint=evil)
+    from piip_timm.cli import main
+    assert main(['convert', str(write_json(tmp_path / 'c.json', config)), str(evil), '--task', 'cls',
+                 '--out', str(tmp_path / 'out')]) == 2
+    assert not (tmp_path / 'out').exists()
+    assert not marker.exists()
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_corrupt_files_and_wrong_variants_are_clear_errors(hub, tmp_path):
+    server, _ = hub
+    case, state, _, _ = load_case(REFERENCE_DIR / 'cases' / 'cls3_sephead.json')
+    kwargs, _ = translate_original_config(case['constructor_kwargs'], 'cls')
+    good = tmp_path / 'good.safetensors'
+    save_file(convert_original_state_dict(state), str(good))
+    truncated = tmp_path / 'truncated.safetensors'
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(os.urandom(4096))
+    common = dict(branches=branch_dicts(kwargs['branches']), interaction=vars(kwargs['interaction']))
+    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                       kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(truncated))))
+    assert message.startswith('ValueError') and 'truncated.safetensors' in message and 'corrupt' in message
+    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                       kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(garbage))))
+    assert message.startswith('ValueError') and 'garbage.pth' in message and 'corrupt' in message
+    # another variant's checkpoint: the SBL-like case into the TSB-like model
+    _, other, _, _ = load_case(REFERENCE_DIR / 'cases' / 'cls3_augreg.json')
+    wrong = tmp_path / 'wrong.safetensors'
+    save_file(convert_original_state_dict(other), str(wrong))
+    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                       kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(wrong))))
+    assert message.startswith('ValueError') and 'does not fit this model' in message and 'shape' in message
+    # a checkpoint with one interaction tensor missing is not silently half-loaded
+    partial = convert_original_state_dict(state)
+    partial.pop(next(k for k in partial if k.startswith('interactions.')))
+    save_file(partial, str(tmp_path / 'partial.safetensors'))
+    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                       kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(tmp_path / 'partial.safetensors'))))
+    assert '1 missing' in message
+
+
+def test_converter_output_loads_from_a_folder_and_from_the_hub(hub, tmp_path):
+    server, _ = hub
+    case, state, x, outputs = load_case(REFERENCE_DIR / 'cases' / 'det3.json')
+    checkpoint = tmp_path / 'det3.pth'
+    checkpoint.write_bytes(released_detector_file(state))
+    config = write_json(tmp_path / 'det3.json', {'model': {'backbone': case['constructor_kwargs']}})
+    out = tmp_path / 'converted'
+    result = run_python(
+        f'from piip_timm.cli import main; raise SystemExit(main(["convert", {str(config)!r}, {str(checkpoint)!r}, '
+        f'"--task", "det", "--out", {str(out)!r}]))', server.endpoint, tmp_path / 'home')
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+    for filename in os.listdir(out):
+        server.add('someone/piip-tsb-det3', filename, out / filename)
+    torch.save(x, tmp_path / 'x.pt')
+    jobs = [dict(name=f'local-dir:{out}', kwargs=dict(features_only=True), input=str(tmp_path / 'x.pt'),
+                 out=str(tmp_path / 'local.safetensors')),
+            dict(name='hf-hub:someone/piip-tsb-det3', kwargs=dict(features_only=True), input=str(tmp_path / 'x.pt'),
+                 out=str(tmp_path / 'hub.safetensors'))]
+    result = load_in_subprocess(jobs, server.endpoint, tmp_path / 'home')
+    assert result.returncode == 0, result.stderr[-3000:]
+    for produced in ('local', 'hub'):
+        tensors = load_file(str(tmp_path / f'{produced}.safetensors'))
+        for i, ref in enumerate(outputs):
+            assert (tensors[f'output.{i}'] - ref).abs().max() <= 1e-5 * ref.abs().max()
