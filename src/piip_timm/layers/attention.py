@@ -91,19 +91,23 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(batch, num_tokens, -1)
 
     def _windowed(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention inside windows, projected: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, channels = x.shape
         window = self.window_size
         pad_h = (window - height % window) % window
         pad_w = (window - width % window) % window
-        if self.window_padding == 'tokens':
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-            qkv = self.qkv(x)
-        else:
-            qkv = F.pad(self.qkv(x), (0, 0, 0, pad_w, 0, pad_h))
+        qkv = self.qkv(x)  # only real tokens are projected
+        if pad_h or pad_w:
+            if self.window_padding == 'tokens' and self.qkv.bias is not None:
+                # A zero (padding) token projects to the bias: pad q/k/v with it instead of projecting padding.
+                padded = self.qkv.bias.expand(batch, height + pad_h, width + pad_w, qkv.shape[-1]).clone()
+                padded[:, :height, :width] = qkv
+                qkv = padded
+            else:
+                qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
         out = self._attend(_window_partition(qkv, window))
         out = _window_merge(out, window, batch, height + pad_h, width + pad_w)
-        return out[:, :height, :width, :]
-
+        return self.proj(out[:, :height, :width, :])
     def forward(
             self,
             x: torch.Tensor,
@@ -114,7 +118,6 @@ class Attention(nn.Module):
         if attn_mask is not None or is_causal:
             raise ValueError('piip_timm.layers.Attention does not take attention masks.')
         if x.ndim == 4 and self.window_size:
-            out = self._windowed(x)
-        else:
-            out = self._attend(self.qkv(x.flatten(1, -2))).view(x.shape)
+            return self.proj_drop(self._windowed(x))
+        out = self._attend(self.qkv(x.flatten(1, -2))).view(x.shape)
         return self.proj_drop(self.proj(out))

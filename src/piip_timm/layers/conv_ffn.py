@@ -26,7 +26,8 @@ class ConvFFN(nn.Module):
         """x: (B, H*W, dim) tokens of an H x W grid."""
         batch, num_tokens, _ = x.shape
         x = self.fc1(x)
-        x = x.transpose(1, 2).reshape(batch, -1, hw[0], hw[1])
-        x = self.dwconv(x).flatten(2).transpose(1, 2)
+        # Tokens are already channels-last: convolve a channels_last view instead of copying to NCHW and back.
+        x = x.view(batch, hw[0], hw[1], -1).permute(0, 3, 1, 2)
+        x = self.dwconv(x).permute(0, 2, 3, 1).reshape(batch, num_tokens, -1)
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))

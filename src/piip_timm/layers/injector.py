@@ -53,7 +53,7 @@ class Injector(nn.Module):
             feat_hw: Tuple[int, int],
     ) -> torch.Tensor:
         attn = self.attn(self.query_norm(query), query_hw, self.feat_norm(feat), feat_hw)
-        query = query + self.attn_gamma * attn
+        query = torch.addcmul(query, self.attn_gamma, attn)
         if self.ffn is not None:
-            query = query + self.ffn_gamma * self.drop_path(self.ffn(self.ffn_norm(query), query_hw))
+            query = torch.addcmul(query, self.ffn_gamma, self.drop_path(self.ffn(self.ffn_norm(query), query_hw)))
         return query

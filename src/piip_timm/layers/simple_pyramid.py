@@ -4,22 +4,37 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-__all__ = ['SimpleFeaturePyramid', 'PYRAMID_SCALES']
+__all__ = ['SimpleFeaturePyramid', 'PYRAMID_SCALES', 'Upsample2x']
 
 # Level name -> upsampling factor relative to the input map.
 PYRAMID_SCALES = {'up4': 4.0, 'up2': 2.0, 'same': 1.0, 'down2': 0.5}
 
 
+class Upsample2x(nn.ConvTranspose2d):
+    """ConvTranspose2d(dim, dim, 2, stride=2), computed as one matmul and a pixel shuffle.
+
+    A stride-2, 2x2 transposed convolution maps every pixel to its own 2x2 patch, so it is a
+    (C_in -> 4 C_out) matrix product per pixel; on CPU that runs several times faster than the
+    transposed-convolution kernel. Parameters (and state-dict keys) are ConvTranspose2d's.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, dim, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        out_dim = self.weight.shape[1]
+        y = torch.matmul(x.permute(0, 2, 3, 1), self.weight.reshape(self.weight.shape[0], -1))
+        y = y.view(batch, height, width, out_dim, 2, 2).permute(0, 1, 4, 2, 5, 3)
+        y = y.reshape(batch, 2 * height, 2 * width, out_dim) + self.bias
+        return y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+
+
 def _make_level(name: str, dim: int) -> nn.Module:
     if name == 'up4':
-        return nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 2, stride=2),
-            nn.GroupNorm(32, dim),
-            nn.GELU(),
-            nn.ConvTranspose2d(dim, dim, 2, stride=2),
-        )
+        return nn.Sequential(Upsample2x(dim), nn.GroupNorm(32, dim), nn.GELU(), Upsample2x(dim))
     if name == 'up2':
-        return nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        return nn.Sequential(Upsample2x(dim))
     if name == 'same':
         return nn.Identity()
     if name == 'down2':

@@ -1,0 +1,360 @@
+"""PIIP cost, speed and memory, side by side with the paper's baselines.
+
+    python benchmarks/run.py                 # full run (about an hour on a 2-core CPU)
+    python benchmarks/run.py --quick         # small stand-ins of every section (CI smoke run)
+
+Writes ``report.md``, ``results.json`` and ``latency_vs_flops.png`` to ``--out``
+(default ``benchmarks/results``). Models of a pair are timed alternately in one process with
+the same threads, to cancel drift; each memory figure comes from a fresh process.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / 'tests'))  # the plain deformable-sampling oracle lives with the tests
+
+import piip_timm  # noqa: E402,F401
+from piip_timm.benchmark import synchronize, alternate, device, forward_fn, ratio, train_fn  # noqa: E402
+from piip_timm.flops import count_macs  # noqa: E402
+from piip_timm.layers import deform_sample  # noqa: E402
+
+import models  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- sections
+def cost_section(quick: bool) -> List[Dict]:
+    rows = models.paper_rows()
+    if quick:
+        rows = [rows[0], rows[4]]
+    out = []
+    for row in rows:
+        with torch.device('meta'):
+            model = row.build()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        macs = count_macs(model, (3, row.input_size, row.input_size), device=torch.device('meta'))
+        out.append(dict(name=row.name, params_m=params, paper_params_m=row.paper_params_m, gmacs=macs.paper,
+                        paper_gmacs=row.paper_gmacs, attention=macs.attention, deformable=macs.deformable,
+                        sampling_actual=macs.sampling_actual))
+        print(f'cost: {row.name}: {params:.1f} M ({row.paper_params_m} M), {macs.paper:.1f} G ({row.paper_gmacs} G)',
+              flush=True)
+    return out
+
+
+def _gmacs(build, size) -> float:
+    with torch.device('meta'):
+        model = build()
+    return count_macs(model, (3, size, size), device=torch.device('meta')).paper
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux)."""
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def _reset_peak_rss() -> None:
+    """Start a fresh resident-set high-water mark (Linux: VmHWM, reset through /proc/self/clear_refs)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def _peak_rss_mb() -> float:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_probe(pair_index: int, role: str, mode: str, quick: bool) -> Dict:
+    """Peak memory of one model's forward (or forward+backward), from a fresh process."""
+    pair = (models.tiny_pairs() if quick else models.speed_pairs())[pair_index]
+    build, size = (pair.piip, pair.piip_input) if role == 'piip' else (pair.baseline, pair.baseline_input)
+    model = build().to(device())
+    model.train(mode == 'train')
+    x = torch.randn(1, 3, size, size, device=device())
+    run = train_fn(model, x) if mode == 'train' else forward_fn(model, x)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        return dict(peak_mb=(torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+    before = _rss_mb()
+    _reset_peak_rss()
+    run()
+    return dict(peak_mb=_peak_rss_mb() - before)
+
+
+def _probe(pair_index: int, role: str, mode: str, quick: bool, threads: int) -> float:
+    command = [sys.executable, __file__, '--probe', str(pair_index), role, mode, '--threads', str(threads)]
+    if quick:
+        command.append('--quick')
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f'memory probe failed: {result.stderr[-2000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])['peak_mb']
+
+
+def speed_section(quick: bool, repeats: int, threads: int) -> List[Dict]:
+    pairs = models.tiny_pairs() if quick else models.speed_pairs()
+    out = []
+    for index, pair in enumerate(pairs):
+        print(f'speed: {pair.name} vs {pair.baseline_name}', flush=True)
+        piip, base = pair.piip().to(device()).eval(), pair.baseline().to(device()).eval()
+        x1 = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+        y1 = torch.randn(1, 3, pair.baseline_input, pair.baseline_input, device=device())
+        fwd = alternate([forward_fn(piip, x1), forward_fn(base, y1)], repeats)
+        xb = x1.expand(pair.batch, -1, -1, -1).contiguous()
+        yb = y1.expand(pair.batch, -1, -1, -1).contiguous()
+        thr = alternate([forward_fn(piip, xb), forward_fn(base, yb)], max(1, repeats // 2))
+        piip.train(), base.train()
+        bwd = alternate([train_fn(piip, x1), train_fn(base, y1)], max(1, repeats // 2))
+        del piip, base
+        memory = {f'{role}_{mode}_mb': _probe(index, role, mode, quick, threads)
+                  for role in ('piip', 'baseline') for mode in ('eval', 'train')}
+        piip_g, base_g = _gmacs(pair.piip, pair.piip_input), _gmacs(pair.baseline, pair.baseline_input)
+        row = dict(name=pair.name, baseline=pair.baseline_name, batch=pair.batch,
+                   piip_gmacs=piip_g, baseline_gmacs=base_g, flop_ratio=piip_g / base_g,
+                   piip_fwd_s=statistics.median(fwd[0]), baseline_fwd_s=statistics.median(fwd[1]),
+                   fwd_ratio=ratio(*fwd),
+                   piip_train_s=statistics.median(bwd[0]), baseline_train_s=statistics.median(bwd[1]),
+                   train_ratio=ratio(*bwd),
+                   piip_throughput=pair.batch / statistics.median(thr[0]),
+                   baseline_throughput=pair.batch / statistics.median(thr[1]),
+                   throughput_ratio=1 / ratio(*thr), **memory)
+        print(f'  fwd {row["piip_fwd_s"]:.3f} s vs {row["baseline_fwd_s"]:.3f} s = {row["fwd_ratio"]:.2f}x '
+              f'(FLOPs {row["flop_ratio"]:.2f}x); fwd+bwd {row["train_ratio"]:.2f}x', flush=True)
+        out.append(row)
+    return out
+
+
+def deform_shapes(quick: bool):
+    """(name, query grid, value grid, d_model) of the PIIP-TSB 1120/896/448 injectors (16 heads, 4 points, ratio 0.5)."""
+    shapes = [('B 28x28 <- S 56x56 (d 768)', 28, 56, 768), ('S 56x56 <- B 28x28 (d 384)', 56, 28, 384),
+              ('S 56x56 <- T 70x70 (d 384)', 56, 70, 384), ('T 70x70 <- S 56x56 (d 192)', 70, 56, 192)]
+    return [('tiny 8x8 <- 12x12 (d 64)', 8, 12, 64)] if quick else shapes
+
+
+def _deform_inputs(query, value, d_model, grad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    heads, head_dim = 16, d_model // 2 // 16
+    v = torch.randn(1, value * value, heads, head_dim, generator=g)
+    loc = torch.rand(1, query * query, heads, 4, 2, generator=g) * 1.2 - 0.1
+    w = torch.rand(1, query * query, heads, 4, generator=g).softmax(-1)
+    tensors = [t.to(device()).requires_grad_(grad) for t in (v, loc, w)]
+    return tensors, (value, value)
+
+
+def _deform_fn(op, tensors, hw, grad):
+    def run():
+        out = op(tensors[0], hw, tensors[1], tensors[2])
+        if grad:
+            out.sum().backward()
+    return run
+
+
+def deform_memory_probe(index: int, which: str, quick: bool) -> Dict:
+    from test_layers import grid_sample_reference
+    name, query, value, d_model = deform_shapes(quick)[index]
+    tensors, hw = _deform_inputs(query, value, d_model, True)
+    op = deform_sample if which == 'ours' else grid_sample_reference
+    before = _rss_mb()
+    _reset_peak_rss()
+    _deform_fn(op, tensors, hw, True)()
+    return dict(peak_mb=_peak_rss_mb() - before)
+
+
+def deform_section(quick: bool, repeats: int, threads: int) -> Dict:
+    from test_layers import grid_sample_reference
+    rows = []
+    for index, (name, query, value, d_model) in enumerate(deform_shapes(quick)):
+        result = dict(name=name)
+        for grad in (False, True):
+            tensors, hw = _deform_inputs(query, value, d_model, grad)
+            times = alternate([_deform_fn(deform_sample, tensors, hw, grad),
+                               _deform_fn(grid_sample_reference, tensors, hw, grad)], repeats * 10, warmup=3)
+            key = 'fwd_bwd' if grad else 'fwd'
+            result[f'ours_{key}_ms'] = statistics.median(times[0]) * 1000
+            result[f'reference_{key}_ms'] = statistics.median(times[1]) * 1000
+            result[f'speedup_{key}'] = 1 / ratio(*times)
+        for which in ('ours', 'reference'):
+            command = [sys.executable, __file__, '--deform-probe', str(index), which, '--threads', str(threads)]
+            if quick:
+                command.append('--quick')
+            probe = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if probe.returncode != 0:
+                raise RuntimeError(probe.stderr[-2000:])
+            result[f'{which}_peak_mb'] = json.loads(probe.stdout.strip().splitlines()[-1])['peak_mb']
+        rows.append(result)
+        print(f'deform: {name}: fwd {result["speedup_fwd"]:.2f}x, fwd+bwd {result["speedup_fwd_bwd"]:.2f}x', flush=True)
+    return dict(rows=rows, share=deform_share(quick))
+
+
+def deform_share(quick: bool) -> Dict:
+    """Time and FLOP share of the deformable sampling inside the PIIP-TSB detector's forward."""
+    import piip_timm.layers.deform_attn as deform_attn_module
+    pair = (models.tiny_pairs() if quick else models.speed_pairs())[1 if quick else 2]
+    model = pair.piip().to(device()).eval()
+    x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+    spent = [0.0]
+    original = deform_attn_module.deform_sample
+
+    def timed(*args):
+        start = time.perf_counter()
+        out = original(*args)
+        synchronize()
+        spent[0] += time.perf_counter() - start
+        return out
+
+    deform_attn_module.deform_sample = timed
+    try:
+        with torch.inference_mode():
+            model(x)
+            spent[0] = 0.0
+            start = time.perf_counter()
+            model(x)
+            synchronize()
+            total = time.perf_counter() - start
+    finally:
+        deform_attn_module.deform_sample = original
+    with torch.device('meta'):
+        macs = count_macs(pair.piip(), (3, pair.piip_input, pair.piip_input), device=torch.device('meta'))
+    return dict(model=pair.name, time_share=spent[0] / total, sampling_gmacs=macs.sampling_actual,
+                total_gmacs=macs.paper, flop_share=macs.sampling_actual / (macs.paper + macs.sampling_actual))
+
+
+# ----------------------------------------------------------------------------- report
+def plot(speed: List[Dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    seen = set()
+    for row in speed:
+        for kind, name, gmacs, latency in (('PIIP', row['name'], row['piip_gmacs'], row['piip_fwd_s']),
+                                           ('baseline', row['baseline'], row['baseline_gmacs'], row['baseline_fwd_s'])):
+            if name in seen:
+                continue
+            seen.add(name)
+            ax.scatter(gmacs, latency, marker='*' if kind == 'PIIP' else 'o', s=160 if kind == 'PIIP' else 70,
+                       color='tab:red' if kind == 'PIIP' else 'tab:blue', label=kind if kind not in seen else None)
+            seen.add(kind)
+            ax.annotate(name, (gmacs, latency), textcoords='offset points', xytext=(5, 4), fontsize=7)
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('GMACs (paper convention)')
+    ax.set_ylabel(f'latency, batch 1, forward (s) [{device().type}]')
+    ax.set_title('PIIP vs single-branch baselines')
+    ax.legend()
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results: Dict, path: Path) -> None:
+    lines = ['# PIIP benchmarks', '',
+             f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+             f'{"CUDA " + torch.cuda.get_device_name() + ", bf16 autocast, CUDA events" if torch.cuda.is_available() else "CPU only (no GPU): fp32, wall-clock time"}; '
+             f'torch {torch.__version__}, {results["threads"]} threads; command: `{results["command"]}`.', '']
+    if results.get('cost'):
+        lines += ['## Parameters and multiply-accumulates', '',
+                  "Convention of the paper's `classification/get_flops.py`: mmcv's module counter (a multiply-add is "
+                  "one op) plus self-attention `2(hw)^2C` (windows: `2hw w^2 C`) and deformable attention `5hwKC` "
+                  "added by hand; detection models are counted as the paper counts them, the classification PIIP built "
+                  "from the detection config (no conv merge, no pyramid). The last column is the deformable sampling "
+                  "as computed (4 corners + 1 weight per point and value channel), which the convention's `5hwKC` term "
+                  "approximates with the full width C instead of the value width.", '',
+                  '| model | params (M) | paper (M) | diff | GMACs | paper (G) | diff | sampling as computed (G) |',
+                  '|---|---|---|---|---|---|---|---|']
+        for r in results['cost']:
+            lines.append(f'| {r["name"]} | {r["params_m"]:.2f} | {r["paper_params_m"]} | '
+                         f'{100 * (r["params_m"] / r["paper_params_m"] - 1):+.2f}% | {r["gmacs"]:.1f} | '
+                         f'{r["paper_gmacs"]} | {100 * (r["gmacs"] / r["paper_gmacs"] - 1):+.2f}% | '
+                         f'{r["sampling_actual"]:.2f} |')
+        lines.append('')
+    if results.get('speed'):
+        lines += ['## Speed and memory', '',
+                  'Batch 1 latency (median; the two models alternated in one process, same threads), '
+                  'throughput at the given batch, and peak memory of one pass from a fresh process '
+                  '(CPU: growth of the resident-set high-water mark). Ratios are PIIP / baseline '
+                  '(throughput: PIIP / baseline, higher is better); FLOP ratio in the paper convention.', '',
+                  '| PIIP | baseline | FLOP ratio | fwd (s) | fwd ratio | fwd+bwd (s) | fwd+bwd ratio | '
+                  'throughput (img/s, batch) | peak MB fwd | peak MB fwd+bwd |',
+                  '|---|---|---|---|---|---|---|---|---|---|']
+        for r in results['speed']:
+            lines.append(
+                f'| {r["name"]} | {r["baseline"]} | {r["flop_ratio"]:.2f} | {r["piip_fwd_s"]:.3f} / '
+                f'{r["baseline_fwd_s"]:.3f} | **{r["fwd_ratio"]:.2f}** | {r["piip_train_s"]:.2f} / '
+                f'{r["baseline_train_s"]:.2f} | {r["train_ratio"]:.2f} | {r["piip_throughput"]:.2f} / '
+                f'{r["baseline_throughput"]:.2f} ({r["batch"]}) | {r["piip_eval_mb"]:.0f} / {r["baseline_eval_mb"]:.0f} | '
+                f'{r["piip_train_mb"]:.0f} / {r["baseline_train_mb"]:.0f} |')
+        lines += ['', '![latency vs FLOPs](latency_vs_flops.png)', '']
+    if results.get('deform'):
+        d = results['deform']
+        lines += ['## Deformable sampling', '',
+                  'The op alone at the PIIP-TSB 1120/896/448 injector shapes (16 heads, 4 points, value ratio 0.5), '
+                  "ours against the plain reference (Deformable DETR's `ms_deform_attn_core_pytorch` formulation, the "
+                  "tests' oracle); medians of alternated runs; peak memory of one forward+backward from a fresh process.", '',
+                  '| shape | fwd ms (ours / ref) | speedup | fwd+bwd ms (ours / ref) | speedup | peak MB (ours / ref) |',
+                  '|---|---|---|---|---|---|']
+        for r in d['rows']:
+            lines.append(f'| {r["name"]} | {r["ours_fwd_ms"]:.2f} / {r["reference_fwd_ms"]:.2f} | {r["speedup_fwd"]:.2f}x | '
+                         f'{r["ours_fwd_bwd_ms"]:.2f} / {r["reference_fwd_bwd_ms"]:.2f} | {r["speedup_fwd_bwd"]:.2f}x | '
+                         f'{r["ours_peak_mb"]:.1f} / {r["reference_peak_mb"]:.1f} |')
+        s = d['share']
+        lines += ['', f'In {s["model"]}: the sampling takes {100 * s["time_share"]:.1f}% of the forward time for '
+                      f'{100 * s["flop_share"]:.2f}% of the MACs ({s["sampling_gmacs"]:.2f} of {s["total_gmacs"]:.0f} G).', '']
+    path.write_text('\n'.join(lines) + '\n')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default=str(HERE / 'results'), help='output folder')
+    parser.add_argument('--quick', action='store_true', help='small stand-ins of every section (smoke run)')
+    parser.add_argument('--threads', type=int, default=2, help='torch threads (default 2)')
+    parser.add_argument('--repeats', type=int, default=None, help='timing rounds (default 5, quick 1)')
+    parser.add_argument('--sections', default='cost,speed,deform', help='comma-separated: cost, speed, deform')
+    parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
+    parser.add_argument('--deform-probe', nargs=2, metavar=('SHAPE', 'WHICH'), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        print(json.dumps(memory_probe(int(args.probe[0]), args.probe[1], args.probe[2], args.quick)))
+        return
+    if args.deform_probe:
+        print(json.dumps(deform_memory_probe(int(args.deform_probe[0]), args.deform_probe[1], args.quick)))
+        return
+    repeats = args.repeats or (1 if args.quick else 5)
+    sections = set(args.sections.split(','))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    results = dict(command='python benchmarks/run.py ' + ' '.join(sys.argv[1:]), threads=args.threads,
+                   device=device().type, torch=torch.__version__)
+    if 'cost' in sections:
+        results['cost'] = cost_section(args.quick)
+    if 'speed' in sections:
+        results['speed'] = speed_section(args.quick, repeats, args.threads)
+        plot(results['speed'], out / 'latency_vs_flops.png')
+    if 'deform' in sections:
+        results['deform'] = deform_section(args.quick, repeats, args.threads)
+    (out / 'results.json').write_text(json.dumps(results, indent=1))
+    report(results, out / 'report.md')
+    print(f'wrote {out / "report.md"}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,24 @@
+"""Every benchmark section runs end to end on tiny settings (the real runs are not timed tests)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_quick_run_writes_report_plot_and_results(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'run.py'), '--quick', '--out', str(tmp_path)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / 'report.md').read_text()
+    for heading in ('## Parameters and multiply-accumulates', '## Speed and memory', '## Deformable sampling'):
+        assert heading in report
+    assert (tmp_path / 'latency_vs_flops.png').stat().st_size > 10_000
+    results = json.loads((tmp_path / 'results.json').read_text())
+    cost = {row['name']: row for row in results['cost']}
+    assert abs(cost['PIIP-TSB 368/192/128 (ImageNet)']['gmacs'] - 17.4) < 0.05
+    assert abs(cost['PIIP-TSB 1120/896/448 (COCO)']['params_m'] - 146.44) < 0.01
+    for row in results['speed']:
+        assert row['fwd_ratio'] > 0 and row['train_ratio'] > 0 and row['piip_eval_mb'] >= 0
+    assert results['deform']['rows'] and 0 < results['deform']['share']['time_share'] < 1

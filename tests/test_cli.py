@@ -1,0 +1,84 @@
+"""The piip-timm command line."""
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from safetensors.torch import load_file
+
+from piip_timm.cli import main
+from piip_timm.piip import PRETRAINED
+
+from test_examples import TINY_TSB
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ('list', 'info', 'features', 'convert', 'bench'):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, '--help'])
+        assert exit_info.value.code == 0 and f'usage: piip-timm {command}' in capsys.readouterr().out, command
+
+
+def test_console_script_entry_point():
+    result = subprocess.run([sys.executable, '-m', 'piip_timm.cli', '--help'], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    commands = [line.split()[0] for line in result.stdout.splitlines() if line.startswith('    ') and
+                not line.startswith('     ')]
+    assert commands == ['list', 'info', 'features', 'bench', 'convert']
+
+
+def test_list_shows_every_tag(capsys):
+    assert main(['list']) == 0
+    out = capsys.readouterr().out
+    for variant, tags in PRETRAINED.items():
+        for tag in tags:
+            assert f'{variant}.{tag}' in out
+
+
+def test_info_reports_branches_params_flops_and_pyramid(capsys):
+    assert main(['info', 'piip_tsb']) == 0
+    out = capsys.readouterr().out
+    assert 'parameters: 144.03 M' in out
+    assert 'multiply-accumulates (paper convention): 17.43 G' in out
+    assert 'stride 4 x 768 ch, stride 8 x 768 ch, stride 16 x 768 ch, stride 32 x 768 ch' in out
+    assert out.count('branch ') == 3
+
+
+def test_features_writes_one_file_per_image(tmp_path, capsys):
+    photo = str(resources.files('piip_timm') / 'assets' / 'chelsea.jpg')
+    copy = tmp_path / 'cat2.jpg'
+    copy.write_bytes(open(photo, 'rb').read())
+    assert main(['features', 'piip_tsb', photo, str(copy), '--out', str(tmp_path / 'out'), '--img-size', '128',
+                 '--no-pretrained', '--model-args', TINY_TSB, '--quiet']) == 0
+    for stem in ('chelsea', 'cat2'):
+        tensors = load_file(str(tmp_path / 'out' / f'{stem}.safetensors'))
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+            'stride_4': (96, 32, 32), 'stride_8': (96, 16, 16), 'stride_16': (96, 8, 8), 'stride_32': (96, 4, 4)}
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['info', 'piip_nonexistent'], "unknown model 'piip_nonexistent'"),
+    (['features', 'piip_tsb', 'missing.jpg', '--out', 'x'], 'no such image file'),
+    (['convert', 'missing.json', 'missing.pth', '--task', 'det', '--out', 'x'], 'no config file'),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1
+
+
+def test_unreadable_image_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / 'not_an_image.jpg'
+    bad.write_bytes(b'plain text')
+    assert main(['features', 'piip_tsb', str(bad), '--out', str(tmp_path / 'o'), '--no-pretrained',
+                 '--model-args', TINY_TSB, '--img-size', '64', '--quiet']) == 2
+    assert 'not a readable image' in capsys.readouterr().err
+
+
+def test_bench_times_a_model_against_a_baseline(capsys):
+    assert main(['bench', 'piip_tsb', '--model-args', TINY_TSB, '--img-size', '64', '--repeats', '1',
+                 '--baseline', 'vit_tiny_patch16_224']) == 0
+    out = capsys.readouterr().out
+    assert 'images/s' in out and 'ratio piip_tsb/vit_tiny_patch16_224' in out

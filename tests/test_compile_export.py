@@ -1,0 +1,82 @@
+"""torch.compile, ONNX and torch.export on the variants' structures (tiny widths for speed)."""
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from helpers import disable_drop_path, perturb, tiny_variant
+
+VARIANTS = ['piip_tsb', 'piip_sbl', 'piip_tsbl', 'piip_lh6b']
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_compile_forward_and_backward_without_graph_breaks(name):
+    """Dynamo + AOTAutograd (backend aot_eager) capture the whole model in one graph, backward included."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = disable_drop_path(perturb(tiny_variant(name))).train()
+    x = torch.randn(2, 3, 128, 96)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    out = compiled(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    expected = model(x)
+    expected.square().mean().backward()
+    assert sum(counters['graph_break'].values()) == 0
+    assert torch.allclose(out, expected, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+def test_inductor_forward_matches_eager():
+    torch._dynamo.reset()
+    model = perturb(tiny_variant('piip_tsb', depth=1)).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-5)
+
+
+def _onnx_check(module, x, path, batches=(1, 3)):
+    import onnxruntime
+    batch = torch.export.Dim('batch', min=1, max=64)
+    torch.onnx.export(module, (x,), str(path), dynamo=True, dynamic_shapes={'x': {0: batch}})
+    session = onnxruntime.InferenceSession(str(path))
+    for b in batches:
+        xb = torch.randn(b, *x.shape[1:])
+        got = session.run(None, {session.get_inputs()[0].name: xb.numpy()})
+        with torch.no_grad():
+            ref = module(xb)
+        ref = ref if isinstance(ref, (list, tuple)) else [ref]
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            assert g.shape == tuple(r.shape)
+            assert np.abs(g - r.numpy()).max() <= 1e-4 * max(1.0, float(r.abs().max()))
+
+
+class Pyramid(torch.nn.Module):
+    """What features_only returns, as a plain forward for export."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_intermediates(x, intermediates_only=True)
+
+
+def test_onnx_export_of_classifier_and_pyramid_with_dynamic_batch(tmp_path):
+    classifier = perturb(tiny_variant('piip_tsb')).eval()
+    _onnx_check(classifier, torch.randn(2, 3, 128, 128), tmp_path / 'classifier.onnx')
+    dense = perturb(tiny_variant('piip_tsbl', head=None, num_classes=0, merge='conv',
+                                 pyramid=('up4', 'up2', 'same', 'down2'))).eval()
+    _onnx_check(Pyramid(dense).eval(), torch.randn(2, 3, 128, 128), tmp_path / 'pyramid.onnx')
+
+
+def test_torch_export_round_trip():
+    model = perturb(tiny_variant('piip_lh6b')).eval()
+    x = torch.randn(2, 3, 128, 128)
+    program = torch.export.export(model, (x,), dynamic_shapes={'x': {0: torch.export.Dim('batch', max=32)}})
+    y = torch.randn(3, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(y), model(y), atol=1e-5)

@@ -1,0 +1,59 @@
+"""The examples, run as a user runs them, on tiny settings."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_branches
+from piip_timm.piip import VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TSB = json.dumps(dict(branches=[asdict(b) for b in tiny_branches(VARIANTS['piip_tsb'].branches)],
+                           interaction=dict(num_heads=4)))
+
+
+def run(args, timeout=900, env=None):
+    result = subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE='1', **(env or {})))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+
+
+def test_finetune_on_digits_lowers_the_loss_and_resumes(tmp_path):
+    common = [str(ROOT / 'examples' / 'finetune.py'), '--model', 'piip_tsb', '--model-args', TINY_TSB,
+              '--no-pretrained', '--img-size', '64', '--batch-size', '32', '--lr', '2e-3', '--layer-decay', '0.9',
+              '--drop-path', '0.05', '--ema', '0.9', '--grad-checkpointing', '--amp', 'bf16',
+              '--epochs', '2', '--output', str(tmp_path)]
+    first = run(common + ['--max-steps', '60'])[0]
+    assert first['steps'] == 60
+    assert first['loss_end'] < first['loss_start'] - 0.12, first  # from ~2.30 (chance: ln 10)
+    assert first['accuracy'] > 0.2 and first['ema_accuracy'] is not None  # chance is 0.10
+    assert (tmp_path / 'last.safetensors').is_file()
+    resumed = run(common + ['--max-steps', '70', '--resume', str(tmp_path / 'last.safetensors')])[0]
+    assert resumed['steps'] == 70  # continued from step 60
+    assert resumed['loss_start'] < first['loss_start'] - 0.08
+
+
+@pytest.mark.parametrize('engine, port', [('ddp', '29517'), ('fsdp', '29518')])
+def test_two_cpu_processes_with_gloo_keep_replicas_identical(tmp_path, engine, port):
+    results = run(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
+                   str(ROOT / 'examples' / 'finetune.py'), '--model', 'piip_tsb', '--model-args', TINY_TSB,
+                   '--no-pretrained', '--img-size', '64', '--batch-size', '16', '--max-steps', '4', '--amp', 'none',
+                   '--output', str(tmp_path)] + (['--fsdp'] if engine == 'fsdp' else []), env={'OMP_NUM_THREADS': '1'})
+    assert sorted(r['rank'] for r in results) == [0, 1]
+    assert all(r['world_size'] == 2 and r['steps'] == 4 for r in results)
+    assert results[0]['weights_sha256'] == results[1]['weights_sha256']
+
+
+def test_detection_and_segmentation_example():
+    result = run([str(ROOT / 'examples' / 'detection.py'), '--model-args', TINY_TSB, '--size', '128'])[0]
+    losses = result['detection_losses']
+    assert set(losses) == {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'}
+    assert all(v == v and v >= 0 for v in losses.values())  # finite, non-negative
+    assert len(result['predictions']) == 2
+    assert {'boxes', 'labels', 'scores', 'masks'} <= set(result['predictions'][0])
+    assert result['segmentation_loss'] > 0
