@@ -1,6 +1,6 @@
 """The models the benchmarks compare: PIIP configurations and the paper's single-branch baselines."""
 from dataclasses import replace
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Sequence, Tuple
 
 import timm
 import torch

@@ -8,6 +8,7 @@ Writes ``report.md``, ``results.json`` and ``latency_vs_flops.png`` to ``--out``
 the same threads, to cancel drift; each memory figure comes from a fresh process.
 """
 import argparse
+import gc
 import json
 import os
 import platform
@@ -112,6 +113,10 @@ def speed_section(quick: bool, repeats: int, threads: int) -> List[Dict]:
     out = []
     for index, pair in enumerate(pairs):
         print(f'speed: {pair.name} vs {pair.baseline_name}', flush=True)
+        # Memory first, each from a fresh process, while this one holds no model (two large models and a
+        # probe at once would not fit in 24 GB).
+        memory = {f'{role}_{mode}_mb': _probe(index, role, mode, quick, threads)
+                  for role in ('piip', 'baseline') for mode in ('eval', 'train')}
         piip, base = pair.piip().to(device()).eval(), pair.baseline().to(device()).eval()
         x1 = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
         y1 = torch.randn(1, 3, pair.baseline_input, pair.baseline_input, device=device())
@@ -122,8 +127,7 @@ def speed_section(quick: bool, repeats: int, threads: int) -> List[Dict]:
         piip.train(), base.train()
         bwd = alternate([train_fn(piip, x1), train_fn(base, y1)], max(1, repeats // 2))
         del piip, base
-        memory = {f'{role}_{mode}_mb': _probe(index, role, mode, quick, threads)
-                  for role in ('piip', 'baseline') for mode in ('eval', 'train')}
+        gc.collect()
         piip_g, base_g = _gmacs(pair.piip, pair.piip_input), _gmacs(pair.baseline, pair.baseline_input)
         row = dict(name=pair.name, baseline=pair.baseline_name, batch=pair.batch,
                    piip_gmacs=piip_g, baseline_gmacs=base_g, flop_ratio=piip_g / base_g,

@@ -12,7 +12,6 @@ the run (model, EMA, optimizer, scheduler position).
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time

@@ -68,6 +68,10 @@ def internvit_repo_files(weights: Dict[str, torch.Tensor]) -> Dict[str, bytes]:
     return files
 
 
+def save_safetensors_bytes(weights: Dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.contiguous() for k, v in weights.items()})
+
+
 def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)

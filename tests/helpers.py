@@ -2,7 +2,6 @@
 from dataclasses import replace
 from typing import Optional
 
-import timm
 import torch
 from timm.layers import DropPath
 

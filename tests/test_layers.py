@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from piip_timm.layers import Attention, DeformableCrossAttention, deform_sample
 
@@ -101,3 +103,67 @@ def test_full_width_qk_norm_normalises_before_the_head_split():
     expected = attn.proj((scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(2, 7, 24))
     assert attn.q_norm.weight.shape == (24,)
     assert torch.allclose(attn(x), expected, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 2), height=st.integers(1, 12), width=st.integers(1, 12), heads=st.integers(1, 4),
+       head_dim=st.integers(1, 8), queries=st.integers(1, 20), points=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_deform_sample_fp32_matches_the_oracle_on_random_shapes(batch, height, width, heads, head_dim, queries,
+                                                                points, seed):
+    g = torch.Generator().manual_seed(seed)
+    value = torch.randn(batch, height * width, heads, head_dim, generator=g, requires_grad=True)
+    locations = (torch.rand(batch, queries, heads, points, 2, generator=g) * 1.8 - 0.4).requires_grad_()
+    weights = torch.rand(batch, queries, heads, points, generator=g).softmax(-1).requires_grad_()
+    ours = deform_sample(value, (height, width), locations, weights)
+    ref = grid_sample_reference(value, (height, width), locations, weights)
+    scale = ref.abs().max().clamp(min=1e-6)
+    assert (ours - ref).abs().max() <= 1e-5 * scale
+    cotangent = torch.randn(ref.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(ours, (value, locations, weights), cotangent),
+                    torch.autograd.grad(ref, (value, locations, weights), cotangent)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-6)
+
+
+def test_deform_sample_passes_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(1, 12, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    # keep points away from pixel centres, where bilinear interpolation has kinks
+    locations = ((torch.rand(1, 5, 2, 2, 2, dtype=torch.float64, generator=g) * 1.4 - 0.2) * 0.97 + 0.011)
+    locations.requires_grad_()
+    weights = torch.rand(1, 5, 2, 2, dtype=torch.float64, generator=g).softmax(-1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, l, w: deform_sample(v, (3, 4), l, w), (value, locations, weights))
+
+
+def test_deform_sample_compiles_in_one_graph():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, 30, 4, 8, generator=g, requires_grad=True)
+    locations = torch.rand(2, 7, 4, 4, 2, generator=g, requires_grad=True)
+    weights = torch.rand(2, 7, 4, 4, generator=g).softmax(-1).requires_grad_()
+    compiled = torch.compile(deform_sample, backend='aot_eager', fullgraph=True)
+    out = compiled(value, (5, 6), locations, weights)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (value, locations, weights)]
+    for t in (value, locations, weights):
+        t.grad = None
+    expected = deform_sample(value, (5, 6), locations, weights)
+    expected.sum().backward()
+    assert torch.allclose(out, expected)
+    assert all(torch.allclose(a, t.grad) for a, t in zip(grads, (value, locations, weights)))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_deform_attention_under_autocast_stays_close_to_fp32(dtype):
+    torch.manual_seed(0)
+    attn = DeformableCrossAttention(64, num_heads=4, num_points=4, value_ratio=0.5)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 0.02)
+        attn.attention_weights.weight.normal_(0, 0.05)
+    query, feat = torch.randn(2, 6 * 5, 64), torch.randn(2, 7 * 9, 64)
+    ref = attn(query, (6, 5), feat, (7, 9))
+    with torch.autocast('cpu', dtype=dtype):
+        low = attn(query, (6, 5), feat, (7, 9))
+    assert low.dtype == dtype
+    assert (low.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    low.float().sum().backward()  # and it trains
+    assert attn.value_proj.weight.grad is not None

@@ -6,7 +6,6 @@ import timm
 import torch
 from timm.optim import param_groups_layer_decay
 
-import piip_timm
 from piip_timm.convert import convert_original_state_dict
 
 from conftest import REFERENCE_DIR

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from piip_timm.piip import PIIP, PRETRAINED, PIIP_REPO, InteractionCfg
 from conftest import REFERENCE_DIR, load_case
 from fixtures import (INTERNVIT_REPO, branch_dicts, internvit_hf_weights, internvit_repo_files,
                       pretrained_tiny_branches, random_like, released_classifier_file, released_detector_file,
-                      timm_branch_weights, to_original_layout)
+                      save_safetensors_bytes, timm_branch_weights, to_original_layout)
 from hubtools import HungServer, LocalHub, dead_endpoint, run_python
 
 TINY_INTERACTION = dict(num_heads=4)
@@ -68,7 +67,6 @@ def hub(tmp_path_factory):
     """A local Hub holding every repository the pretrained tags read, plus the expected weights."""
     root = tmp_path_factory.mktemp('hub')
     server = LocalHub(root)
-    expected = {}
     for variant, name, tag in RELEASED:
         case = case_for(tag)
         if case:
@@ -94,11 +92,6 @@ def hub(tmp_path_factory):
             branch_weights[str(source)] = weights
     with server:
         yield server, branch_weights
-
-
-def save_safetensors_bytes(weights) -> bytes:
-    from safetensors.torch import save
-    return save({k: v.contiguous() for k, v in weights.items()})
 
 
 LOAD_SCRIPT = textwrap.dedent('''

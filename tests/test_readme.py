@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from conftest import REFERENCE_DIR, load_case
 from fixtures import released_detector_file

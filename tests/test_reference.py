@@ -58,7 +58,7 @@ def test_loading_is_strict_and_complete(path):
     wrong = dict(state)
     key = next(k for k in wrong if k.endswith('attn.qkv.weight'))
     wrong[key] = wrong[key][:-1]
-    with pytest.raises(ValueError, match='other shapes'):
+    with pytest.raises(ValueError, match='1 of another shape'):
         _build(case, wrong)
 
 

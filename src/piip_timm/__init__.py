@@ -7,4 +7,9 @@ from .export import convert_checkpoint
 from .hub import HubUnavailableError
 from .piip import PIIP, BranchCfg, InteractionCfg, even_block_ranges
 
+__all__ = [
+    'PIIP', 'BranchCfg', 'InteractionCfg', 'even_block_ranges', 'from_original', 'translate_original_config',
+    'convert_original_state_dict', 'unwrap_state_dict', 'read_backbone_config', 'convert_checkpoint',
+    'HubUnavailableError',
+]
 __version__ = '0.1.0'

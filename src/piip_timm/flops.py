@@ -12,15 +12,13 @@ the nominal grids (image size // 16) with the query branch's width and K = 4 poi
 convention leaves out: the deformable sampling as it actually runs (4 bilinear corners + 1
 weight per point, per value channel) and the attention products on the actual token grids.
 """
-import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .layers import Attention, ConvMerge, DeformableCrossAttention, Injector
-from .layers.simple_pyramid import Upsample2x
+from .layers import Attention, ConvMerge, DeformableCrossAttention
 
 __all__ = ['MacCount', 'count_macs']
 

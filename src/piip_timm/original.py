@@ -11,11 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-from .convert import convert_original_state_dict, unwrap_state_dict
+from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
 from .piip import PIIP, BranchCfg, InteractionCfg
 from .weights import load_checkpoint_file, load_strict
 
@@ -281,7 +280,7 @@ def from_original(
         config: ``model['backbone']`` of an original config file (``type`` may be left in).
         task: ``'cls'``: the module's forward returns logits; ``'det'``: it returns the list of
             feature maps the mmdet backbone returns.
-        checkpoint: optional original-layout weights: a state dict, or a path to a ``.pth``/``.bin``
+        checkpoint: optional weights in the original layout (or this package's): a state dict, or a path to a ``.pth``/``.bin``
             (loaded with ``weights_only=True``) or ``.safetensors`` file; ``model``/``state_dict``/``module``
             wrappers and mmdet's ``backbone.`` prefix are accepted. Loading is strict.
     """
@@ -289,8 +288,8 @@ def from_original(
     model = PIIP(**kwargs)
     if checkpoint is not None:
         state = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-        converted = convert_original_state_dict(unwrap_state_dict(state))
-        load_strict(model, converted)
+        state = unwrap_state_dict(state)
+        load_strict(model, convert_original_state_dict(state) if is_original_layout(state) else state)
     if task == 'det':
         return FeatureGetterNet(model, out_indices=returned, prune=False)
     return model

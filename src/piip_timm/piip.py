@@ -35,7 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
 from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict
-from .weights import allow_training_metadata
+from .limits import check_fits
+from .weights import allow_training_metadata, complete_state_dict
 from .layers import Attention, BidirectionalInteraction, ConvMerge, DeformableCrossAttention, LinearMerge, \
     SimpleFeaturePyramid, PYRAMID_SCALES
 
@@ -366,13 +367,28 @@ class PIIP(nn.Module):
 
     # ----------------------------------------------------------------- forward pieces
     def _check_input(self, x: torch.Tensor) -> None:
+        """One clear error for any image batch the model cannot take (before any kernel complains)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'PIIP expects a torch.Tensor image batch, got {type(x).__name__}.')
         if x.ndim != 4:
-            raise ValueError(f'PIIP expects a 4-D (batch, channels, height, width) tensor, got shape {tuple(x.shape)}.')
+            hint = ' (add a batch dimension with x.unsqueeze(0))' if x.ndim == 3 else ''
+            raise ValueError(f'PIIP expects a 4-D (batch, channels, height, width) tensor, got shape '
+                             f'{tuple(x.shape)}{hint}.')
         if x.shape[1] != self.in_chans:
             raise ValueError(f'PIIP expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}).')
+        if x.shape[0] == 0:
+            raise ValueError(f'the image batch is empty (shape {tuple(x.shape)}).')
+        weight = self.branches[0].patch_embed.proj.weight
+        if not x.is_floating_point():
+            raise TypeError(f'PIIP expects a floating-point (normalised) image batch, got {x.dtype}; '
+                            'convert it with x.float() and normalise it.')
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f'the input is {x.dtype} but the model weights are {weight.dtype}; use x.to({weight.dtype}), '
+                            f'model.to({x.dtype}) or torch.autocast.')
+        if x.device != weight.device:
+            raise ValueError(f'the input is on {x.device} but the model is on {weight.device}; move one with .to().')
         height, width = x.shape[-2:]
+        state = mlp = 0
         for i, (ratio, cfg) in enumerate(zip(self.image_ratios, self.branch_cfgs)):
             h = math.floor(height * ratio) if ratio < 1 else height
             w = math.floor(width * ratio) if ratio < 1 else width
@@ -381,6 +397,18 @@ class PIIP(nn.Module):
                 raise ValueError(
                     f'image {height}x{width} is too small: branch {i} sees it at {h}x{w}, less than one '
                     f'{cfg.patch_size}px patch; use at least {min_side}x{min_side}.')
+            tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+            state += tokens * cfg.embed_dim
+            mlp = max(mlp, 2 * tokens * int(cfg.embed_dim * cfg.mlp_ratio))
+        # A lower bound of the peak: every branch's tokens stay alive while an MLP holds its hidden
+        # activation twice (before and after GELU), or while the pyramid's 4x level is upsampled.
+        extra = mlp
+        if self.pyramid is not None and 'up4' in self.pyramid.level_names:
+            finest = self.branch_cfgs[-1]
+            grid = (height // finest.patch_size) * (width // finest.patch_size)
+            extra = max(extra, 20 * grid * self.embed_dims[0])
+        check_fits(x.shape[0] * (state + extra) * x.element_size(), x.device,
+                   f'a {x.shape[0]}x{x.shape[1]}x{height}x{width} batch')
 
     def image_pyramid(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The input at every branch's scale (bilinear, scale-factor based, as in the original)."""
@@ -624,51 +652,6 @@ def adapt_branch_weights(state_dict: Dict[str, torch.Tensor], model: 'PIIP') -> 
                 source[name] = torch.full_like(own[name], cfg.init_values, device='cpu')
         out.update({prefix + k: v for k, v in source.items()})
     return out
-
-
-def complete_state_dict(
-        state_dict: Dict[str, torch.Tensor],
-        model: nn.Module,
-        fresh_groups: Mapping[str, Callable[[str], bool]],
-) -> Dict[str, torch.Tensor]:
-    """Check a converted checkpoint against the model, key by key and shape by shape.
-
-    A group in ``fresh_groups`` that the checkpoint lacks entirely keeps the model's fresh init; one
-    the checkpoint has but the model lacks entirely is dropped. Any other difference is an error
-    naming the keys, so a model that loads has every tensor accounted for.
-    """
-    own = model.state_dict()
-    state_dict = dict(state_dict)
-    fresh, dropped = [], []
-    heads = [k for k in own if k.startswith('head.') and k in state_dict]
-    if any(state_dict[k].shape != own[k].shape for k in heads):
-        # Another number of classes: the classifier starts fresh (timm drops it as well).
-        state_dict.update({k: own[k] for k in heads})
-        fresh.append('classifier (other num_classes)')
-    for group, member in fresh_groups.items():
-        ours = {k for k in own if member(k)}
-        theirs = {k for k in state_dict if member(k)}
-        if ours and not theirs:
-            state_dict.update({k: own[k] for k in ours})
-            fresh.append(group)
-        elif theirs and not ours:
-            for k in theirs:
-                del state_dict[k]
-            dropped.append(group)
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mis_shaped = sorted(f'{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}'
-                        for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
-            f'the checkpoint does not fit this model: {len(missing)} missing {missing[:6]}, '
-            f'{len(unexpected)} unexpected {unexpected[:6]}, {len(mis_shaped)} of another shape {mis_shaped[:6]}; '
-            'check that checkpoint and model (variant, tag, resolution options) belong together.')
-    if fresh:
-        _logger.info(f'freshly initialised (not in the checkpoint): {", ".join(fresh)}')
-    if dropped:
-        _logger.info(f'not used by this model: {", ".join(dropped)}')
-    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: 'PIIP') -> Dict[str, torch.Tensor]:

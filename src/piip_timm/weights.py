@@ -1,14 +1,17 @@
 """Loading weight files safely and strictly."""
 import argparse
 import contextlib
+import logging
 import os
 import pickle
-from typing import Dict, Iterator, Mapping, Union
+from typing import Callable, Dict, Iterator, Mapping, Union
 
 import torch
 from torch import nn
 
-__all__ = ['load_checkpoint_file', 'load_strict', 'allow_training_metadata']
+__all__ = ['load_checkpoint_file', 'load_strict', 'complete_state_dict', 'allow_training_metadata']
+
+_logger = logging.getLogger(__name__)
 
 # Plain data that training scripts store beside the weights (DeiT-style checkpoints keep their
 # argparse ``args``). Unpickling it only sets attributes; nothing else is allowed.
@@ -48,18 +51,56 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
         raise ValueError(f'{path!r} is not a readable PyTorch checkpoint ({e}); re-download it.') from e
 
 
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """load_state_dict(strict=True) with an error that names missing, unexpected and mis-shaped keys."""
+def complete_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        fresh_groups: Mapping[str, Callable[[str], bool]],
+) -> Dict[str, torch.Tensor]:
+    """Check a converted checkpoint against the model, key by key and shape by shape.
+
+    A group in ``fresh_groups`` that the checkpoint lacks entirely keeps the model's fresh init; one
+    the checkpoint has but the model lacks entirely is dropped. Any other difference is an error
+    naming the keys, so a model that loads has every tensor accounted for.
+    """
     own = model.state_dict()
+    state_dict = dict(state_dict)
+    fresh, dropped = [], []
+    heads = [k for k in own if k.startswith('head.') and k in state_dict]
+    if any(state_dict[k].shape != own[k].shape for k in heads):
+        # Another number of classes: the classifier starts fresh (timm drops it as well).
+        state_dict.update({k: own[k] for k in heads})
+        fresh.append('classifier (other num_classes)')
+    for group, member in fresh_groups.items():
+        ours = {k for k in own if member(k)}
+        theirs = {k for k in state_dict if member(k)}
+        if ours and not theirs:
+            state_dict.update({k: own[k] for k in ours})
+            fresh.append(group)
+        elif theirs and not ours:
+            for k in theirs:
+                del state_dict[k]
+            dropped.append(group)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    mis_shaped = sorted(
-        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
-        for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or mis_shaped:
+    common = set(own) & set(state_dict)
+    mis_shaped = sorted(f'{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}'
+                        for k in common if state_dict[k].shape != own[k].shape)
+    # Any floating precision converts on load; integer or boolean data in place of weights is a broken file.
+    mis_typed = sorted(f'{k} {state_dict[k].dtype}' for k in common
+                       if own[k].is_floating_point() and not state_dict[k].is_floating_point())
+    if missing or unexpected or mis_shaped or mis_typed:
         raise ValueError(
-            'checkpoint does not match the model: '
-            f'{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, '
-            f'{len(mis_shaped)} with other shapes {mis_shaped[:5]}; check that the config and checkpoint belong '
-            'to the same model.')
-    model.load_state_dict(state_dict, strict=True)
+            f'the checkpoint does not fit this model: {len(missing)} missing {missing[:6]}, '
+            f'{len(unexpected)} unexpected {unexpected[:6]}, {len(mis_shaped)} of another shape {mis_shaped[:6]}, '
+            f'{len(mis_typed)} not floating point {mis_typed[:6]}; '
+            'check that checkpoint and model (variant, tag, resolution options) belong together.')
+    if fresh:
+        _logger.info(f'freshly initialised (not in the checkpoint): {", ".join(fresh)}')
+    if dropped:
+        _logger.info(f'not used by this model: {", ".join(dropped)}')
+    return state_dict
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """load_state_dict(strict=True) after an exact key / shape / dtype check that names what differs."""
+    model.load_state_dict(complete_state_dict(dict(state_dict), model, {}), strict=True)

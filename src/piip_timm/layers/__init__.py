@@ -6,3 +6,8 @@ from .injector import Injector
 from .interaction import BidirectionalInteraction
 from .merge import ConvMerge, LinearMerge
 from .simple_pyramid import PYRAMID_SCALES, SimpleFeaturePyramid
+
+__all__ = [
+    'Attention', 'ConvFFN', 'DeformableCrossAttention', 'reference_points', 'deform_sample', 'Injector',
+    'BidirectionalInteraction', 'ConvMerge', 'LinearMerge', 'PYRAMID_SCALES', 'SimpleFeaturePyramid',
+]
