@@ -55,6 +55,8 @@ def _module_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output) ->
         return x.numel() * (2 if affine else 1)
     if isinstance(module, (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d)):
         return x.numel() if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) else output.numel()
+    if isinstance(module, DeformableCrossAttention):  # its offset and weight Linears run as one fused matmul
+        return x.numel() * (module.sampling_offsets.out_features + module.attention_weights.out_features)
     if isinstance(module, ConvMerge):  # its ReLUs are functional; mmcv counted the original's nn.ReLU modules
         return 2 * output.numel()
     return 0

@@ -3,6 +3,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .deform_sampling import deform_sample
@@ -84,14 +85,21 @@ class DeformableCrossAttention(nn.Module):
         batch, num_queries, _ = query.shape
         feat_h, feat_w = feat_hw
         value = self.value_proj(feat).view(batch, feat_h * feat_w, self.num_heads, self.head_dim)
-        offsets = self.sampling_offsets(query).view(batch, num_queries, self.num_heads, self.num_points, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, self.num_heads, self.num_points)
-        weights = softmax_over_points(weights)
+        # Offsets and point weights read the same queries: one matmul instead of two small ones.
+        num_offsets = self.sampling_offsets.out_features
+        offsets_and_logits = F.linear(
+            query,
+            torch.cat((self.sampling_offsets.weight, self.attention_weights.weight)),
+            torch.cat((self.sampling_offsets.bias, self.attention_weights.bias)),
+        )
+        offsets = offsets_and_logits[..., :num_offsets].unflatten(-1, (self.num_heads, self.num_points, 2))
+        weights = softmax_over_points(
+            offsets_and_logits[..., num_offsets:].unflatten(-1, (self.num_heads, self.num_points)))
         # Offsets are in units of the value grid's cells; locations are normalised to [0, 1].
         # Locations are kept in at least fp32: in bf16 they would be off by up to half a cell.
         offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
-        normalizer = torch.tensor((feat_w, feat_h), dtype=offsets.dtype, device=query.device)
+        cell = torch.tensor((1.0 / feat_w, 1.0 / feat_h), dtype=offsets.dtype, device=query.device)
         ref = reference_points(query_hw[0], query_hw[1], query.device)
-        locations = ref[None, :, None, None, :] + offsets / normalizer
+        locations = torch.addcmul(ref[None, :, None, None, :], offsets, cell)
         out = deform_sample(value, feat_hw, locations, weights)
         return self.output_proj(out)
