@@ -1,14 +1,13 @@
 """PIIP cost, speed and memory, side by side with the paper's baselines.
 
-    python benchmarks/run.py                 # full run (about an hour on a 2-core CPU)
+    python benchmarks/run.py                 # full run (about 90 minutes on a 2-core CPU)
     python benchmarks/run.py --quick         # small stand-ins of every section (CI smoke run)
 
 Writes ``report.md``, ``results.json`` and ``latency_vs_flops.png`` to ``--out``
 (default ``benchmarks/results``). Models of a pair are timed alternately in one process with
-the same threads, to cancel drift; each memory figure comes from a fresh process.
+the same threads, to cancel drift; each pair and each memory figure runs in a fresh process.
 """
 import argparse
-import gc
 import json
 import os
 import platform
@@ -108,39 +107,53 @@ def _probe(pair_index: int, role: str, mode: str, quick: bool, threads: int) -> 
     return json.loads(result.stdout.strip().splitlines()[-1])['peak_mb']
 
 
-def speed_section(quick: bool, repeats: int, threads: int) -> List[Dict]:
+def speed_pair(index: int, quick: bool, repeats: int, threads: int) -> Dict:
+    """One pair of the speed section; run in a process of its own (see ``speed_section``)."""
+    pair = (models.tiny_pairs() if quick else models.speed_pairs())[index]
+    # Memory first, each from a fresh process, while this one holds no model (two large models and a
+    # probe at once would not fit in 24 GB).
+    memory = {f'{role}_{mode}_mb': _probe(index, role, mode, quick, threads)
+              for role in ('piip', 'baseline') for mode in ('eval', 'train')}
+    piip, base = pair.piip().to(device()).eval(), pair.baseline().to(device()).eval()
+    x1 = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+    y1 = torch.randn(1, 3, pair.baseline_input, pair.baseline_input, device=device())
+    fwd = alternate([forward_fn(piip, x1), forward_fn(base, y1)], repeats)
+    xb = x1.expand(pair.batch, -1, -1, -1).contiguous()
+    yb = y1.expand(pair.batch, -1, -1, -1).contiguous()
+    thr = alternate([forward_fn(piip, xb), forward_fn(base, yb)], max(1, repeats // 2))
+    piip.train(), base.train()
+    bwd = alternate([train_fn(piip, x1), train_fn(base, y1)], max(1, repeats // 2))
+    del piip, base
+    piip_g, base_g = _gmacs(pair.piip, pair.piip_input), _gmacs(pair.baseline, pair.baseline_input)
+    row = dict(name=pair.name, baseline=pair.baseline_name, batch=pair.batch,
+               piip_gmacs=piip_g, baseline_gmacs=base_g, flop_ratio=piip_g / base_g,
+               piip_fwd_s=statistics.median(fwd[0]), baseline_fwd_s=statistics.median(fwd[1]),
+               fwd_ratio=ratio(*fwd),
+               piip_train_s=statistics.median(bwd[0]), baseline_train_s=statistics.median(bwd[1]),
+               train_ratio=ratio(*bwd),
+               piip_throughput=pair.batch / statistics.median(thr[0]),
+               baseline_throughput=pair.batch / statistics.median(thr[1]),
+               throughput_ratio=1 / ratio(*thr), **memory)
+    return row
+
+
+def speed_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
+    """Every pair in a fresh process: a process that has run a large model keeps its freed heap, and
+    that plus the next pair's memory probe did not fit in 24 GB. ``save`` is called after each pair."""
     pairs = models.tiny_pairs() if quick else models.speed_pairs()
     out = []
     for index, pair in enumerate(pairs):
         print(f'speed: {pair.name} vs {pair.baseline_name}', flush=True)
-        # Memory first, each from a fresh process, while this one holds no model (two large models and a
-        # probe at once would not fit in 24 GB).
-        memory = {f'{role}_{mode}_mb': _probe(index, role, mode, quick, threads)
-                  for role in ('piip', 'baseline') for mode in ('eval', 'train')}
-        piip, base = pair.piip().to(device()).eval(), pair.baseline().to(device()).eval()
-        x1 = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
-        y1 = torch.randn(1, 3, pair.baseline_input, pair.baseline_input, device=device())
-        fwd = alternate([forward_fn(piip, x1), forward_fn(base, y1)], repeats)
-        xb = x1.expand(pair.batch, -1, -1, -1).contiguous()
-        yb = y1.expand(pair.batch, -1, -1, -1).contiguous()
-        thr = alternate([forward_fn(piip, xb), forward_fn(base, yb)], max(1, repeats // 2))
-        piip.train(), base.train()
-        bwd = alternate([train_fn(piip, x1), train_fn(base, y1)], max(1, repeats // 2))
-        del piip, base
-        gc.collect()
-        piip_g, base_g = _gmacs(pair.piip, pair.piip_input), _gmacs(pair.baseline, pair.baseline_input)
-        row = dict(name=pair.name, baseline=pair.baseline_name, batch=pair.batch,
-                   piip_gmacs=piip_g, baseline_gmacs=base_g, flop_ratio=piip_g / base_g,
-                   piip_fwd_s=statistics.median(fwd[0]), baseline_fwd_s=statistics.median(fwd[1]),
-                   fwd_ratio=ratio(*fwd),
-                   piip_train_s=statistics.median(bwd[0]), baseline_train_s=statistics.median(bwd[1]),
-                   train_ratio=ratio(*bwd),
-                   piip_throughput=pair.batch / statistics.median(thr[0]),
-                   baseline_throughput=pair.batch / statistics.median(thr[1]),
-                   throughput_ratio=1 / ratio(*thr), **memory)
+        command = [sys.executable, __file__, '--speed-pair', str(index), '--repeats', str(repeats),
+                   '--threads', str(threads)] + (['--quick'] if quick else [])
+        result = subprocess.run(command, capture_output=True, text=True, timeout=4 * 3600)
+        if result.returncode != 0:
+            raise RuntimeError(f'speed pair {pair.name} failed: {result.stderr[-2000:]}')
+        row = json.loads(result.stdout.strip().splitlines()[-1])
         print(f'  fwd {row["piip_fwd_s"]:.3f} s vs {row["baseline_fwd_s"]:.3f} s = {row["fwd_ratio"]:.2f}x '
               f'(FLOPs {row["flop_ratio"]:.2f}x); fwd+bwd {row["train_ratio"]:.2f}x', flush=True)
         out.append(row)
+        save(out)
     return out
 
 
@@ -333,30 +346,39 @@ def main() -> None:
     parser.add_argument('--sections', default='cost,speed,deform', help='comma-separated: cost, speed, deform')
     parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
     parser.add_argument('--deform-probe', nargs=2, metavar=('SHAPE', 'WHICH'), help=argparse.SUPPRESS)
+    parser.add_argument('--speed-pair', type=int, metavar='PAIR', help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    repeats = args.repeats or (1 if args.quick else 5)
+    if args.speed_pair is not None:
+        print(json.dumps(speed_pair(args.speed_pair, args.quick, repeats, args.threads)))
+        return
     if args.probe:
         print(json.dumps(memory_probe(int(args.probe[0]), args.probe[1], args.probe[2], args.quick)))
         return
     if args.deform_probe:
         print(json.dumps(deform_memory_probe(int(args.deform_probe[0]), args.deform_probe[1], args.quick)))
         return
-    repeats = args.repeats or (1 if args.quick else 5)
     sections = set(args.sections.split(','))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     results = dict(command='python benchmarks/run.py ' + ' '.join(sys.argv[1:]), threads=args.threads,
                    device=device().type, torch=torch.__version__)
+
+    def save(section: str, rows) -> None:
+        """Write what has been measured so far: a long run that dies still leaves its finished rows."""
+        results[section] = rows
+        (out / 'results.json').write_text(json.dumps(results, indent=1))
+        report(results, out / 'report.md')
+
     if 'cost' in sections:
-        results['cost'] = cost_section(args.quick)
+        save('cost', cost_section(args.quick))
     if 'speed' in sections:
-        results['speed'] = speed_section(args.quick, repeats, args.threads)
-        plot(results['speed'], out / 'latency_vs_flops.png')
+        speed = speed_section(args.quick, repeats, args.threads, lambda rows: save('speed', rows))
+        plot(speed, out / 'latency_vs_flops.png')
     if 'deform' in sections:
-        results['deform'] = deform_section(args.quick, repeats, args.threads)
-    (out / 'results.json').write_text(json.dumps(results, indent=1))
-    report(results, out / 'report.md')
+        save('deform', deform_section(args.quick, repeats, args.threads))
     print(f'wrote {out / "report.md"}')
 
 

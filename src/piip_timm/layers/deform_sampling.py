@@ -49,7 +49,7 @@ def deform_sample(
     dtype = torch.promote_types(value.dtype, torch.float32)
     images = value.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
     # Points lead and queries trail, so the weighted sum below reduces over a middle axis with the
-    # query axis contiguous: 1.4-1.7x faster on CPU than reducing over a trailing axis of size P.
+    # query axis contiguous: this op's forward ran 1.4-1.7x faster on CPU than with a trailing P axis.
     grid = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 1, 4).reshape(batch * heads, num_points, num_queries, 2)
     sampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
     weights = attention_weights.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, 1, num_points, num_queries)
