@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, MutableMapping
 
 import torch
 
-__all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout']
+__all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout', 'to_package_layout']
 
 _BRANCH = re.compile(r'^branch(\d)\.(.+)$')
 _UNIT = re.compile(r'^interactions\.(\d+)\.interaction_units_(\d)(\d)\.(.+)$')
@@ -71,6 +71,12 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 def is_original_layout(state_dict: Mapping[str, Any]) -> bool:
     """True for the original PIIP code's key layout (``branch1.*``)."""
     return any(_BRANCH.match(k) for k in state_dict)
+
+
+def to_package_layout(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Unwrap a checkpoint and convert it if it is in the original layout; this package's passes as is."""
+    state_dict = unwrap_state_dict(checkpoint)
+    return convert_original_state_dict(state_dict) if is_original_layout(state_dict) else state_dict
 
 
 def _branch_key(index: int, rest: str) -> str:

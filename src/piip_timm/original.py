@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
+from .convert import to_package_layout
 from .piip import PIIP, BranchCfg, InteractionCfg
 from .weights import load_checkpoint_file, load_strict
 
@@ -288,8 +288,7 @@ def from_original(
     model = PIIP(**kwargs)
     if checkpoint is not None:
         state = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-        state = unwrap_state_dict(state)
-        load_strict(model, convert_original_state_dict(state) if is_original_layout(state) else state)
+        load_strict(model, to_package_layout(state))
     if task == 'det':
         return FeatureGetterNet(model, out_indices=returned, prune=False)
     return model

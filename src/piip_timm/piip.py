@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .convert import convert_original_state_dict, is_original_layout, unwrap_state_dict
+from .convert import to_package_layout
 from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict
 from .limits import check_fits
 from .weights import allow_training_metadata, complete_state_dict
@@ -657,9 +657,7 @@ def adapt_branch_weights(state_dict: Dict[str, torch.Tensor], model: 'PIIP') -> 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: 'PIIP') -> Dict[str, torch.Tensor]:
     """Any PIIP checkpoint (this package's layout, the original's, or assembled branch weights) ->
     a complete state dict for ``model``."""
-    state_dict = unwrap_state_dict(state_dict)
-    if is_original_layout(state_dict):
-        state_dict = convert_original_state_dict(state_dict)
+    state_dict = to_package_layout(state_dict)
     groups = dict(_OPTIONAL_GROUPS)
     if _is_branch_checkpoint(state_dict):
         state_dict = adapt_branch_weights(state_dict, model)
