@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -182,15 +184,40 @@ def _deform_fn(op, tensors, hw, grad):
     return run
 
 
-def deform_memory_probe(index: int, which: str, quick: bool) -> Dict:
-    from test_layers import grid_sample_reference
-    name, query, value, d_model = deform_shapes(quick)[index]
-    tensors, hw = _deform_inputs(query, value, d_model, True)
-    op = deform_sample if which == 'ours' else grid_sample_reference
-    before = _rss_mb()
-    _reset_peak_rss()
-    _deform_fn(op, tensors, hw, True)()
-    return dict(peak_mb=_peak_rss_mb() - before)
+class _LiveTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated inside the mode and still alive, op by op (forward and
+    backward). Exact and repeatable, unlike a resident-set figure at this scale (a few MB), which the
+    C allocator's caching and the first call's code paging move by as much as the op itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: Dict[int, tuple] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                self.current -= nbytes
+                del self.live[key]
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.live and storage.nbytes():
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+        return out
+
+
+def deform_peak_mb(op, tensors, hw) -> float:
+    """Peak live tensor memory (MB) of one forward+backward of ``op``, inputs excluded."""
+    counter = _LiveTensorMemory()
+    with counter:
+        _deform_fn(op, tensors, hw, True)()
+    for t in tensors:
+        t.grad = None
+    return counter.peak / 2 ** 20
 
 
 def deform_section(quick: bool, repeats: int, threads: int) -> Dict:
@@ -206,14 +233,9 @@ def deform_section(quick: bool, repeats: int, threads: int) -> Dict:
             result[f'ours_{key}_ms'] = statistics.median(times[0]) * 1000
             result[f'reference_{key}_ms'] = statistics.median(times[1]) * 1000
             result[f'speedup_{key}'] = 1 / ratio(*times)
-        for which in ('ours', 'reference'):
-            command = [sys.executable, __file__, '--deform-probe', str(index), which, '--threads', str(threads)]
-            if quick:
-                command.append('--quick')
-            probe = subprocess.run(command, capture_output=True, text=True, timeout=600)
-            if probe.returncode != 0:
-                raise RuntimeError(probe.stderr[-2000:])
-            result[f'{which}_peak_mb'] = json.loads(probe.stdout.strip().splitlines()[-1])['peak_mb']
+        tensors, hw = _deform_inputs(query, value, d_model, True)
+        result['ours_peak_mb'] = deform_peak_mb(deform_sample, tensors, hw)
+        result['reference_peak_mb'] = deform_peak_mb(grid_sample_reference, tensors, hw)
         rows.append(result)
         print(f'deform: {name}: fwd {result["speedup_fwd"]:.2f}x, fwd+bwd {result["speedup_fwd_bwd"]:.2f}x', flush=True)
     return dict(rows=rows, share=deform_share(quick))
@@ -252,6 +274,100 @@ def deform_share(quick: bool) -> Dict:
                 total_gmacs=macs.paper, flop_share=macs.sampling_actual / (macs.paper + macs.sampling_actual))
 
 
+def time_breakdown(quick: bool, repeats: int) -> Dict:
+    """Where the ImageNet PIIP-TSB forward spends its time, against DeiT-B's whole forward.
+
+    Branch blocks and parts of the interaction units are timed with module hooks (ms per forward and
+    matmul MACs). The interaction units' matmuls run at the branch blocks' own MAC rate give a lower
+    bound on PIIP's latency that no speed-up of the sampling, norms or elementwise passes can beat.
+    """
+    import piip_timm.layers.deform_attn as deform_attn_module
+    from piip_timm.layers import BidirectionalInteraction, DeformableCrossAttention
+    from timm.models.vision_transformer import Block
+    pair = (models.tiny_pairs() if quick else models.speed_pairs())[0]
+    model, base = pair.piip().to(device()).eval(), pair.baseline().to(device()).eval()
+    x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+    y = torch.randn(1, 3, pair.baseline_input, pair.baseline_input, device=device())
+    seconds: Dict[str, float] = {}
+    macs: Dict[str, int] = {}
+
+    def add(key: str, elapsed: float, count: int = 0) -> None:
+        seconds[key] = seconds.get(key, 0.0) + elapsed
+        macs[key] = macs.get(key, 0) + count
+
+    def timed(module: torch.nn.Module, key: str, count_macs_of=lambda mod, args: 0) -> None:
+        def pre(mod, args):
+            synchronize()
+            mod._bench_start = time.perf_counter()
+
+        def post(mod, args, out):
+            synchronize()
+            add(key, time.perf_counter() - mod._bench_start, count_macs_of(mod, args))
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def tokens(args) -> int:
+        return args[0].numel() // args[0].shape[-1]
+
+    def block_macs(mod, args) -> int:  # its Linears plus the two attention matmuls, 2 N^2 C per image
+        linears = sum(tokens(args) * m.in_features * m.out_features
+                      for m in mod.modules() if isinstance(m, torch.nn.Linear))
+        batch, num_tokens, dim = args[0].shape
+        return linears + 2 * batch * num_tokens ** 2 * dim
+
+    def offset_weight_macs(mod, args) -> int:  # the fused offset/weight projection is no Linear call
+        return tokens(args) * mod.sampling_offsets.in_features * (
+            mod.sampling_offsets.out_features + mod.attention_weights.out_features)
+
+    parts = (  # (type, key, MAC counter) of modules under `interactions.`
+        (torch.nn.Linear, 'interactions: Linear layers', lambda mod, args: tokens(args) * mod.in_features * mod.out_features),
+        (DeformableCrossAttention, 'interactions: deformable attention, all of it', offset_weight_macs),
+        (torch.nn.Conv2d, 'interactions: depthwise convolutions', lambda mod, args: 0),
+        (torch.nn.LayerNorm, 'interactions: LayerNorms', lambda mod, args: 0),
+    )
+    for name, module in model.named_modules():
+        if isinstance(module, Block):
+            timed(module, 'branch blocks', block_macs)
+        elif isinstance(module, BidirectionalInteraction):
+            timed(module, 'interaction units')
+        elif name.startswith('interactions.'):
+            for kind, key, counter in parts:
+                if isinstance(module, kind):
+                    timed(module, key, counter)
+    original = deform_attn_module.deform_sample
+
+    def sampling(*args):
+        synchronize()
+        start = time.perf_counter()
+        out = original(*args)
+        synchronize()
+        add('interactions: deformable sampling', time.perf_counter() - start)
+        return out
+
+    deform_attn_module.deform_sample = sampling
+    try:
+        forward_fn(model, x)()
+        forward_fn(base, y)()
+        seconds.clear()
+        macs.clear()
+        times = alternate([forward_fn(model, x), forward_fn(base, y)], repeats * 2, warmup=0)
+    finally:
+        deform_attn_module.deform_sample = original
+    rounds = len(times[0])
+    base_s = statistics.median(times[1])
+    branch_rate = macs['branch blocks'] / seconds['branch blocks']  # MACs per second
+    interaction_matmuls = (macs['interactions: Linear layers']
+                           + macs['interactions: deformable attention, all of it']) / rounds
+    bound_s = seconds['branch blocks'] / rounds + interaction_matmuls / branch_rate
+    return dict(model=pair.name, baseline=pair.baseline_name, piip_fwd_s=statistics.median(times[0]),
+                baseline_fwd_s=base_s,
+                components={key: dict(ms=1e3 * seconds[key] / rounds, gmacs=macs[key] / rounds / 1e9)
+                            for key in ['branch blocks', 'interaction units'] + [part[1] for part in parts]
+                            + ['interactions: deformable sampling']},
+                interaction_matmul_gmacs=interaction_matmuls / 1e9, branch_gmacs_per_s=branch_rate / 1e9,
+                lower_bound_s=bound_s, lower_bound_ratio=bound_s / base_s)
+
+
 # ----------------------------------------------------------------------------- report
 def plot(speed: List[Dict], path: Path) -> None:
     import matplotlib
@@ -286,6 +402,8 @@ def report(results: Dict, path: Path) -> None:
              f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
              f'{"CUDA " + torch.cuda.get_device_name() + ", bf16 autocast, CUDA events" if torch.cuda.is_available() else "CPU only (no GPU): fp32, wall-clock time"}; '
              f'torch {torch.__version__}, {results["threads"]} threads; command: `{results["command"]}`.', '']
+    if results.get('note'):
+        lines += [results['note'], '']
     if results.get('cost'):
         lines += ['## Parameters and multiply-accumulates', '',
                   "Convention of the paper's `classification/get_flops.py`: mmcv's module counter (a multiply-add is "
@@ -324,7 +442,7 @@ def report(results: Dict, path: Path) -> None:
         lines += ['## Deformable sampling', '',
                   'The op alone at the PIIP-TSB 1120/896/448 injector shapes (16 heads, 4 points, value ratio 0.5), '
                   "ours against the plain reference (Deformable DETR's `ms_deform_attn_core_pytorch` formulation, the "
-                  "tests' oracle); medians of alternated runs; peak memory of one forward+backward from a fresh process.", '',
+                  "tests' oracle); medians of alternated runs; peak memory: the most tensor storage alive at once during one forward+backward (inputs excluded), counted op by op.", '',
                   '| shape | fwd ms (ours / ref) | speedup | fwd+bwd ms (ours / ref) | speedup | peak MB (ours / ref) |',
                   '|---|---|---|---|---|---|']
         for r in d['rows']:
@@ -334,6 +452,23 @@ def report(results: Dict, path: Path) -> None:
         s = d['share']
         lines += ['', f'In {s["model"]}: the sampling takes {100 * s["time_share"]:.1f}% of the forward time for '
                       f'{100 * s["flop_share"]:.2f}% of the MACs ({s["sampling_gmacs"]:.2f} of {s["total_gmacs"]:.0f} G).', '']
+    if results.get('breakdown'):
+        b = results['breakdown']
+        lines += ['## Where the ImageNet PIIP-TSB forward spends its time', '',
+                  f"{b['model']}, batch 1, hooks on modules (they add a little time); {b['baseline']}'s whole forward "
+                  f"for scale: {1e3 * b['baseline_fwd_s']:.0f} ms. Rows starting with 'interactions:' are parts of the "
+                  "interaction units; the deformable attention row includes its Linear layers and its sampling.", '',
+                  '| component | ms per forward | share of PIIP | GMACs (matmuls) |', '|---|---|---|---|']
+        total_ms = 1e3 * b['piip_fwd_s']
+        for key, c in b['components'].items():
+            lines.append(f"| {key} | {c['ms']:.1f} | {100 * c['ms'] / total_ms:.0f}% | "
+                         f"{c['gmacs']:.2f} |" if c['gmacs'] else f"| {key} | {c['ms']:.1f} | {100 * c['ms'] / total_ms:.0f}% | |")
+        lines += [f"| whole PIIP forward (median, hooks on) | {total_ms:.1f} | 100% | |", '',
+                  f"The branch blocks run at {b['branch_gmacs_per_s']:.1f} GMAC/s. At that rate the interaction units' "
+                  f"matmuls alone ({b['interaction_matmul_gmacs']:.2f} GMACs) would take "
+                  f"{1e3 * (b['lower_bound_s'] - b['components']['branch blocks']['ms'] / 1e3):.0f} ms, so PIIP-TSB "
+                  f"cannot run faster than {b['lower_bound_ratio']:.2f}x {b['baseline']} here even if sampling, norms, "
+                  'convolutions and elementwise passes cost nothing.', '']
     path.write_text('\n'.join(lines) + '\n')
 
 
@@ -343,9 +478,9 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='small stand-ins of every section (smoke run)')
     parser.add_argument('--threads', type=int, default=2, help='torch threads (default 2)')
     parser.add_argument('--repeats', type=int, default=None, help='timing rounds (default 5, quick 1)')
-    parser.add_argument('--sections', default='cost,speed,deform', help='comma-separated: cost, speed, deform')
+    parser.add_argument('--sections', default='cost,speed,deform,breakdown',
+                        help='comma-separated: cost, speed, deform, breakdown')
     parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
-    parser.add_argument('--deform-probe', nargs=2, metavar=('SHAPE', 'WHICH'), help=argparse.SUPPRESS)
     parser.add_argument('--speed-pair', type=int, metavar='PAIR', help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -355,9 +490,6 @@ def main() -> None:
         return
     if args.probe:
         print(json.dumps(memory_probe(int(args.probe[0]), args.probe[1], args.probe[2], args.quick)))
-        return
-    if args.deform_probe:
-        print(json.dumps(deform_memory_probe(int(args.deform_probe[0]), args.deform_probe[1], args.quick)))
         return
     sections = set(args.sections.split(','))
     out = Path(args.out)
@@ -379,6 +511,8 @@ def main() -> None:
         plot(speed, out / 'latency_vs_flops.png')
     if 'deform' in sections:
         save('deform', deform_section(args.quick, repeats, args.threads))
+    if 'breakdown' in sections:
+        save('breakdown', time_breakdown(args.quick, repeats))
     print(f'wrote {out / "report.md"}')
 
 

@@ -124,6 +124,36 @@ def test_deform_sample_fp32_matches_the_oracle_on_random_shapes(batch, height, w
         assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1e-6)
 
 
+@pytest.mark.parametrize('needs_grad', [(True, False, False), (False, True, False), (False, False, True),
+                                        (False, True, True)])
+def test_deform_sample_gradient_of_each_input_alone_matches_the_oracle(needs_grad):
+    """The hand-written backward computes only what is asked for; each part must still be right."""
+    g = torch.Generator().manual_seed(3)
+    value = torch.randn(2, 7 * 6, 4, 5, dtype=torch.float64, generator=g)
+    locations = torch.rand(2, 9, 4, 3, 2, dtype=torch.float64, generator=g) * 1.6 - 0.3
+    weights = torch.rand(2, 9, 4, 3, dtype=torch.float64, generator=g).softmax(-1)
+    inputs = [t.requires_grad_(flag) for t, flag in zip((value, locations, weights), needs_grad)]
+    wanted = [t for t in inputs if t.requires_grad]
+    cotangent = torch.randn(2, 9, 20, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad(deform_sample(value, (7, 6), locations, weights), wanted, cotangent)
+    ref = torch.autograd.grad(grid_sample_reference(value, (7, 6), locations, weights), wanted, cotangent)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_deform_sample_takes_queries_contiguous_layouts_without_changing_results():
+    """DeformableCrossAttention hands over (B, heads, P, 2, Q) storage viewed as (B, Q, heads, P, 2)."""
+    g = torch.Generator().manual_seed(4)
+    value = torch.randn(1, 5 * 8, 2, 3, generator=g)
+    planes = torch.rand(1, 2, 4, 2, 11, generator=g)
+    point_weights = torch.rand(1, 2, 4, 11, generator=g).softmax(2)
+    locations, weights = planes.permute(0, 4, 1, 2, 3), point_weights.permute(0, 3, 1, 2)
+    assert not locations.is_contiguous()
+    ours = deform_sample(value, (5, 8), locations, weights)
+    assert torch.allclose(ours, deform_sample(value, (5, 8), locations.contiguous(), weights.contiguous()))
+    assert torch.allclose(ours, grid_sample_reference(value, (5, 8), locations, weights), atol=1e-6)
+
+
 def test_deform_sample_passes_gradcheck():
     g = torch.Generator().manual_seed(0)
     value = torch.randn(1, 12, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)

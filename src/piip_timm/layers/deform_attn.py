@@ -3,7 +3,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .deform_sampling import deform_sample
@@ -19,11 +18,11 @@ def reference_points(height: int, width: int, device: torch.device) -> torch.Ten
     return torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1)
 
 
-def softmax_over_points(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis, written out: over a handful of points, torch.softmax's kernel
+def softmax_over_points(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim``, written out: over a handful of points, torch.softmax's kernel
     (vectorised along that axis) is about 2.5x slower on CPU than these four whole-tensor ops."""
-    exp = (logits - logits.amax(dim=-1, keepdim=True)).exp()
-    return exp / exp.sum(dim=-1, keepdim=True)
+    exp = (logits - logits.amax(dim=dim, keepdim=True)).exp()
+    return exp / exp.sum(dim=dim, keepdim=True)
 
 
 class DeformableCrossAttention(nn.Module):
@@ -84,22 +83,22 @@ class DeformableCrossAttention(nn.Module):
         """query: (B, Hq*Wq, dim); feat: (B, Hf*Wf, feat_dim) -> (B, Hq*Wq, dim)."""
         batch, num_queries, _ = query.shape
         feat_h, feat_w = feat_hw
-        value = self.value_proj(feat).view(batch, feat_h * feat_w, self.num_heads, self.head_dim)
-        # Offsets and point weights read the same queries: one matmul instead of two small ones.
+        heads, points = self.num_heads, self.num_points
+        value = self.value_proj(feat).view(batch, feat_h * feat_w, heads, self.head_dim)
+        # Offsets and point weights read the same queries: one matmul instead of two small ones, and
+        # a transposed one, (rows, Q), so that they come out heads- and points-major with the queries
+        # contiguous, the layout the sampling wants (no permuting copies of small-innermost tensors).
+        weight = torch.cat((self.sampling_offsets.weight, self.attention_weights.weight))
+        bias = torch.cat((self.sampling_offsets.bias, self.attention_weights.bias))
+        projected = torch.baddbmm(bias[None, :, None], weight.expand(batch, -1, -1), query.transpose(1, 2))
         num_offsets = self.sampling_offsets.out_features
-        offsets_and_logits = F.linear(
-            query,
-            torch.cat((self.sampling_offsets.weight, self.attention_weights.weight)),
-            torch.cat((self.sampling_offsets.bias, self.attention_weights.bias)),
-        )
-        offsets = offsets_and_logits[..., :num_offsets].unflatten(-1, (self.num_heads, self.num_points, 2))
-        weights = softmax_over_points(
-            offsets_and_logits[..., num_offsets:].unflatten(-1, (self.num_heads, self.num_points)))
+        offsets = projected[:, :num_offsets].unflatten(1, (heads, points, 2))  # (B, heads, P, 2, Q)
+        weights = softmax_over_points(projected[:, num_offsets:].unflatten(1, (heads, points)), dim=2)
         # Offsets are in units of the value grid's cells; locations are normalised to [0, 1].
         # Locations are kept in at least fp32: in bf16 they would be off by up to half a cell.
         offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
         cell = torch.tensor((1.0 / feat_w, 1.0 / feat_h), dtype=offsets.dtype, device=query.device)
-        ref = reference_points(query_hw[0], query_hw[1], query.device)
-        locations = torch.addcmul(ref[None, :, None, None, :], offsets, cell)
-        out = deform_sample(value, feat_hw, locations, weights)
+        ref = reference_points(query_hw[0], query_hw[1], query.device).t()  # (2, Q)
+        locations = torch.addcmul(ref, offsets, cell[:, None])
+        out = deform_sample(value, feat_hw, locations.permute(0, 4, 1, 2, 3), weights.permute(0, 3, 1, 2))
         return self.output_proj(out)

@@ -9,10 +9,10 @@ pixel ``l * size - 0.5`` and corners outside the map contribute zero, which is
 It is the formulation of Deformable DETR's ``ms_deform_attn_core_pytorch`` for one level,
 without the per-level split, stack and flatten copies. ``grid_sample``'s fused kernels beat
 every other pure-PyTorch formulation measured on CPU (a corner-index ``gather``, a fused
-``embedding_bag`` over precomputed corners, ``index_add_``/sort-based scatters for the backward):
-computing four corner indices and weights per point takes more elementwise passes than the
-sampling itself, and the backward's scatter is fastest in ``grid_sampler_2d_backward``.
-``grid_sample`` is also what ONNX (GridSample) and ``torch.compile`` know.
+``embedding_bag`` over precomputed corners, ``index_add_``/``scatter_add_``/sort-based scatters and
+COO/CSR sparse products for the backward): the value gradient is a scatter, and
+``grid_sampler_2d_backward`` does it fastest. ``grid_sample`` is also what ONNX (GridSample) and
+``torch.compile`` know.
 """
 from typing import Tuple
 
@@ -20,6 +20,50 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['deform_sample']
+
+
+def _weighted_sum_over_points(sampled: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, D, P, Q) samples, (N, P, Q) weights -> (N, D, Q), one pass per point (no (N, D, P, Q) product)."""
+    out = sampled[:, :, 0] * weights[:, None, 0]
+    for point in range(1, sampled.shape[2]):
+        out.addcmul_(sampled[:, :, point], weights[:, None, point])
+    return out
+
+
+def _point_weight_grad(images: torch.Tensor, grid: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(weight of point p) = <grad_out, sample p>, from recomputed samples: (N, P, Q)."""
+    sampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    return torch.stack([(sampled[:, :, point] * grad_out).sum(1) for point in range(sampled.shape[2])], dim=1)
+
+
+class _WeightedBilinearSampling(torch.autograd.Function):
+    """``grid_sample`` then a weighted sum over points, with the backward written out.
+
+    Autograd's own backward of these two ops hands ``grid_sampler_2d_backward`` a gradient laid out
+    like the weights, which the kernel first copies, and keeps the (N, D, P, Q) samples alive from
+    forward to backward. Here the kernels get a contiguous gradient and grid, and the samples are
+    recomputed in the backward (one cheap ``grid_sample``) instead of stored: less memory held for
+    training, and never two (N, D, P, Q) tensors at once (peak below the plain formulation's).
+    """
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        sampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        ctx.save_for_backward(images, grid, weights)
+        return _weighted_sum_over_points(sampled, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        images, grid, weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_images = grad_grid = grad_weights = None
+        if ctx.needs_input_grad[2]:  # before grad_sampled exists, so the samples are freed first
+            grad_weights = _point_weight_grad(images, grid, grad_out)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_sampled = grad_out[:, :, None] * weights[:, None]  # (N, D, P, Q), contiguous
+            grad_images, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                grad_sampled, images, grid, 0, 0, False, [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
+        return grad_images, grad_grid, grad_weights
 
 
 def deform_sample(
@@ -36,6 +80,10 @@ def deform_sample(
         locations: (B, Q, heads, P, 2) sampling locations (x, y) normalised to [0, 1].
         attention_weights: (B, Q, heads, P) weights of the P points (softmax already applied).
 
+    Any memory layout works; ``locations`` and ``attention_weights`` that are views of
+    (B, heads, P, [2,] Q) storage (queries contiguous, as ``DeformableCrossAttention`` makes them)
+    are used without a copy.
+
     Returns:
         (B, Q, heads * head_dim), in ``value``'s dtype. Sampling runs in at least fp32
         (half-precision inputs are upcast): bilinear weights in bf16 would place a sample up to
@@ -48,10 +96,10 @@ def deform_sample(
         raise ValueError(f'value has {num_values} positions but value_hw is {height}x{width}.')
     dtype = torch.promote_types(value.dtype, torch.float32)
     images = value.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
-    # Points lead and queries trail, so the weighted sum below reduces over a middle axis with the
-    # query axis contiguous: this op's forward ran 1.4-1.7x faster on CPU than with a trailing P axis.
+    # Points lead and queries trail (N, P, Q, ...): the kernels then stream along queries.
     grid = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 1, 4).reshape(batch * heads, num_points, num_queries, 2)
-    sampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    weights = attention_weights.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, 1, num_points, num_queries)
-    out = (sampled * weights).sum(2)  # (B * heads, head_dim, Q)
+    weights = attention_weights.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, num_points, num_queries)
+    if grid.stride(2) > 2:  # queries not adjacent: grid_sample's gathers over the grid would stride
+        grid = grid.contiguous()
+    out = _WeightedBilinearSampling.apply(images, grid, weights.contiguous())
     return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)
