@@ -5,9 +5,10 @@
 
 Writes ``report.md``, ``results.json`` and ``latency_vs_flops.png`` to ``--out``
 (default ``benchmarks/results``). Models of a pair are timed alternately in one process with
-the same threads, to cancel drift; each pair and each memory figure runs in a fresh process.
+the same threads, to cancel drift; each speed pair and each model's memory figure runs in a fresh process.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / 'tests'))  # the plain deformable-sampling 
 
 import piip_timm  # noqa: E402,F401
 from piip_timm.benchmark import synchronize, alternate, device, forward_fn, ratio, train_fn  # noqa: E402
-from piip_timm.flops import count_macs  # noqa: E402
+from piip_timm.flops import _module_macs, count_macs  # noqa: E402
 from piip_timm.layers import deform_sample  # noqa: E402
 
 import models  # noqa: E402
@@ -220,7 +221,7 @@ def deform_peak_mb(op, tensors, hw) -> float:
     return counter.peak / 2 ** 20
 
 
-def deform_section(quick: bool, repeats: int, threads: int) -> Dict:
+def deform_section(quick: bool, repeats: int) -> Dict:
     from test_layers import grid_sample_reference
     rows = []
     for index, (name, query, value, d_model) in enumerate(deform_shapes(quick)):
@@ -241,33 +242,44 @@ def deform_section(quick: bool, repeats: int, threads: int) -> Dict:
     return dict(rows=rows, share=deform_share(quick))
 
 
-def deform_share(quick: bool) -> Dict:
-    """Time and FLOP share of the deformable sampling inside the PIIP-TSB detector's forward."""
+@contextlib.contextmanager
+def timing_deform_sample(record: Callable[[float], None]):
+    """Within the block, every deformable sampling in the models reports its seconds to ``record``."""
     import piip_timm.layers.deform_attn as deform_attn_module
-    pair = (models.tiny_pairs() if quick else models.speed_pairs())[1 if quick else 2]
-    model = pair.piip().to(device()).eval()
-    x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
-    spent = [0.0]
     original = deform_attn_module.deform_sample
 
     def timed(*args):
+        synchronize()
         start = time.perf_counter()
         out = original(*args)
         synchronize()
-        spent[0] += time.perf_counter() - start
+        record(time.perf_counter() - start)
         return out
 
     deform_attn_module.deform_sample = timed
     try:
-        with torch.inference_mode():
-            model(x)
-            spent[0] = 0.0
-            start = time.perf_counter()
-            model(x)
-            synchronize()
-            total = time.perf_counter() - start
+        yield
     finally:
         deform_attn_module.deform_sample = original
+
+
+def deform_share(quick: bool) -> Dict:
+    """Time and FLOP share of the deformable sampling inside the PIIP-TSB detector's forward."""
+    pair = (models.tiny_pairs() if quick else models.speed_pairs())[1 if quick else 2]
+    model = pair.piip().to(device()).eval()
+    x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+    spent = [0.0]
+
+    def record(seconds: float) -> None:
+        spent[0] += seconds
+
+    with timing_deform_sample(record), torch.inference_mode():
+        model(x)
+        spent[0] = 0.0
+        start = time.perf_counter()
+        model(x)
+        synchronize()
+        total = time.perf_counter() - start
     with torch.device('meta'):
         macs = count_macs(pair.piip(), (3, pair.piip_input, pair.piip_input), device=torch.device('meta'))
     return dict(model=pair.name, time_share=spent[0] / total, sampling_gmacs=macs.sampling_actual,
@@ -281,7 +293,6 @@ def time_breakdown(quick: bool, repeats: int) -> Dict:
     matmul MACs). The interaction units' matmuls run at the branch blocks' own MAC rate give a lower
     bound on PIIP's latency that no speed-up of the sampling, norms or elementwise passes can beat.
     """
-    import piip_timm.layers.deform_attn as deform_attn_module
     from piip_timm.layers import BidirectionalInteraction, DeformableCrossAttention
     from timm.models.vision_transformer import Block
     pair = (models.tiny_pairs() if quick else models.speed_pairs())[0]
@@ -295,35 +306,31 @@ def time_breakdown(quick: bool, repeats: int) -> Dict:
         seconds[key] = seconds.get(key, 0.0) + elapsed
         macs[key] = macs.get(key, 0) + count
 
-    def timed(module: torch.nn.Module, key: str, count_macs_of=lambda mod, args: 0) -> None:
+    def timed(module: torch.nn.Module, key: str, count_macs_of=lambda mod, args, out: 0) -> None:
         def pre(mod, args):
             synchronize()
             mod._bench_start = time.perf_counter()
 
         def post(mod, args, out):
             synchronize()
-            add(key, time.perf_counter() - mod._bench_start, count_macs_of(mod, args))
+            add(key, time.perf_counter() - mod._bench_start, count_macs_of(mod, args, out))
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
 
-    def tokens(args) -> int:
-        return args[0].numel() // args[0].shape[-1]
-
-    def block_macs(mod, args) -> int:  # its Linears plus the two attention matmuls, 2 N^2 C per image
-        linears = sum(tokens(args) * m.in_features * m.out_features
+    def block_macs(mod, args, out) -> int:  # its Linears plus the two attention matmuls, 2 N^2 C per image
+        tokens = args[0].numel() // args[0].shape[-1]
+        linears = sum(tokens * m.in_features * m.out_features
                       for m in mod.modules() if isinstance(m, torch.nn.Linear))
         batch, num_tokens, dim = args[0].shape
         return linears + 2 * batch * num_tokens ** 2 * dim
 
-    def offset_weight_macs(mod, args) -> int:  # the fused offset/weight projection is no Linear call
-        return tokens(args) * mod.sampling_offsets.in_features * (
-            mod.sampling_offsets.out_features + mod.attention_weights.out_features)
-
-    parts = (  # (type, key, MAC counter) of modules under `interactions.`
-        (torch.nn.Linear, 'interactions: Linear layers', lambda mod, args: tokens(args) * mod.in_features * mod.out_features),
-        (DeformableCrossAttention, 'interactions: deformable attention, all of it', offset_weight_macs),
-        (torch.nn.Conv2d, 'interactions: depthwise convolutions', lambda mod, args: 0),
-        (torch.nn.LayerNorm, 'interactions: LayerNorms', lambda mod, args: 0),
+    no_macs = lambda mod, args, out: 0  # noqa: E731
+    parts = (  # (type, key, MAC counter) of modules under `interactions.`; the deformable attention's own
+        # count is its fused offset/weight projection, which is no Linear call
+        (torch.nn.Linear, 'interactions: Linear layers', _module_macs),
+        (DeformableCrossAttention, 'interactions: deformable attention, all of it', _module_macs),
+        (torch.nn.Conv2d, 'interactions: depthwise convolutions', no_macs),
+        (torch.nn.LayerNorm, 'interactions: LayerNorms', no_macs),
     )
     for name, module in model.named_modules():
         if isinstance(module, Block):
@@ -334,25 +341,12 @@ def time_breakdown(quick: bool, repeats: int) -> Dict:
             for kind, key, counter in parts:
                 if isinstance(module, kind):
                     timed(module, key, counter)
-    original = deform_attn_module.deform_sample
-
-    def sampling(*args):
-        synchronize()
-        start = time.perf_counter()
-        out = original(*args)
-        synchronize()
-        add('interactions: deformable sampling', time.perf_counter() - start)
-        return out
-
-    deform_attn_module.deform_sample = sampling
-    try:
+    with timing_deform_sample(lambda elapsed: add('interactions: deformable sampling', elapsed)):
         forward_fn(model, x)()
         forward_fn(base, y)()
         seconds.clear()
         macs.clear()
         times = alternate([forward_fn(model, x), forward_fn(base, y)], repeats * 2, warmup=0)
-    finally:
-        deform_attn_module.deform_sample = original
     rounds = len(times[0])
     base_s = statistics.median(times[1])
     branch_rate = macs['branch blocks'] / seconds['branch blocks']  # MACs per second
@@ -510,7 +504,7 @@ def main() -> None:
         speed = speed_section(args.quick, repeats, args.threads, lambda rows: save('speed', rows))
         plot(speed, out / 'latency_vs_flops.png')
     if 'deform' in sections:
-        save('deform', deform_section(args.quick, repeats, args.threads))
+        save('deform', deform_section(args.quick, repeats))
     if 'breakdown' in sections:
         save('breakdown', time_breakdown(args.quick, repeats))
     print(f'wrote {out / "report.md"}')

@@ -30,9 +30,14 @@ def _weighted_sum_over_points(sampled: torch.Tensor, weights: torch.Tensor) -> t
     return out
 
 
+def _bilinear_samples(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(N, D, H, W) maps at an (N, P, Q, 2) grid in [-1, 1] -> (N, D, P, Q), the CUDA kernel's sampling rule."""
+    return F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
+
 def _point_weight_grad(images: torch.Tensor, grid: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(weight of point p) = <grad_out, sample p>, from recomputed samples: (N, P, Q)."""
-    sampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    sampled = _bilinear_samples(images, grid)
     return torch.stack([(sampled[:, :, point] * grad_out).sum(1) for point in range(sampled.shape[2])], dim=1)
 
 
@@ -48,9 +53,8 @@ class _WeightedBilinearSampling(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, images: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        sampled = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
         ctx.save_for_backward(images, grid, weights)
-        return _weighted_sum_over_points(sampled, weights)
+        return _weighted_sum_over_points(_bilinear_samples(images, grid), weights)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
