@@ -57,7 +57,7 @@ class SingleViT(nn.Module):
         batch, channels, height, width = tokens.shape
         grid = self.cfg.grid
         pos = resample_abs_pos_embed(self.vit.pos_embed, (height, width), (grid, grid), 0, antialias=False)
-        tokens = tokens.flatten(2).transpose(1, 2) + pos
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous() + pos  # (B, N, C) memory, as PIIP's branches
         for block in self.vit.blocks:
             if getattr(block.attn, 'window_size', None):
                 tokens = block(tokens.view(batch, height, width, channels)).flatten(1, 2)

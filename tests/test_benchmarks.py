@@ -22,3 +22,8 @@ def test_benchmark_quick_run_writes_report_plot_and_results(tmp_path):
     for row in results['speed']:
         assert row['fwd_ratio'] > 0 and row['train_ratio'] > 0 and row['piip_eval_mb'] >= 0
     assert results['deform']['rows'] and 0 < results['deform']['share']['time_share'] < 1
+    breakdown = results['breakdown']
+    assert '## Where the ImageNet PIIP-TSB forward spends its time' in report
+    assert set(breakdown['kernels_alone_ms']) == {'Linear', 'Conv2d', 'LayerNorm', 'grid_sample'}
+    assert all(ms > 0 for ms in breakdown['kernels_alone_ms'].values())
+    assert breakdown['components']['branch blocks']['ms'] / 1e3 < breakdown['floor_s'] < breakdown['piip_fwd_s']
