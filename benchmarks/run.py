@@ -32,6 +32,7 @@ import piip_timm  # noqa: E402,F401
 from piip_timm.benchmark import synchronize, alternate, device, forward_fn, ratio, train_fn  # noqa: E402
 from piip_timm.flops import _module_macs, count_macs  # noqa: E402
 from piip_timm.layers import deform_sample  # noqa: E402
+from piip_timm.layers.deform_sampling import _bilinear_samples  # noqa: E402
 
 import models  # noqa: E402
 
@@ -221,6 +222,24 @@ def deform_peak_mb(op, tensors, hw) -> float:
     return counter.peak / 2 ** 20
 
 
+def sampling_kernels_alone(query: int, value: int, d_model: int, repeats: int) -> Dict[str, float]:
+    """Median ms of ``grid_sample`` and of ``grid_sampler_2d_backward`` (value and location gradients in one
+    kernel, which the reference's backward runs too), each alone at an injector's shape, contiguous inputs.
+
+    Without storing the (N, D, P, Q) samples (memory above the reference's), a formulation on these kernels
+    runs the sampling twice (forward, and again for the point weights' gradient) and the backward kernel once.
+    """
+    (v, loc, w), (height, width) = _deform_inputs(query, value, d_model, False)
+    heads, points, head_dim = v.shape[2], loc.shape[3], v.shape[3]
+    images = v.permute(0, 2, 3, 1).reshape(heads, head_dim, height, width).contiguous()
+    grid = (2 * loc - 1).permute(0, 2, 3, 1, 4).reshape(heads, points, query * query, 2).contiguous()
+    grad = torch.randn(heads, head_dim, points, query * query, device=v.device)
+    times = alternate([lambda: _bilinear_samples(images, grid),
+                       lambda: torch.ops.aten.grid_sampler_2d_backward(grad, images, grid, 0, 0, False, [True, True])],
+                      repeats, warmup=3)
+    return dict(sample_kernel_ms=1000 * statistics.median(times[0]), backward_kernel_ms=1000 * statistics.median(times[1]))
+
+
 def deform_section(quick: bool, repeats: int) -> Dict:
     from test_layers import grid_sample_reference
     rows = []
@@ -234,6 +253,7 @@ def deform_section(quick: bool, repeats: int) -> Dict:
             result[f'ours_{key}_ms'] = statistics.median(times[0]) * 1000
             result[f'reference_{key}_ms'] = statistics.median(times[1]) * 1000
             result[f'speedup_{key}'] = 1 / ratio(*times)
+        result.update(sampling_kernels_alone(query, value, d_model, repeats * 10))
         tensors, hw = _deform_inputs(query, value, d_model, True)
         result['ours_peak_mb'] = deform_peak_mb(deform_sample, tensors, hw)
         result['reference_peak_mb'] = deform_peak_mb(grid_sample_reference, tensors, hw)
@@ -423,6 +443,11 @@ def plot(speed: List[Dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _kernel_floor_ms(row: Dict) -> float:
+    """Two samplings (forward, and again for the point weights' gradient) and one backward kernel."""
+    return 2 * row['sample_kernel_ms'] + row['backward_kernel_ms']
+
+
 def report(results: Dict, path: Path) -> None:
     lines = ['# PIIP benchmarks', '',
              f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
@@ -469,12 +494,19 @@ def report(results: Dict, path: Path) -> None:
                   'The op alone at the PIIP-TSB 1120/896/448 injector shapes (16 heads, 4 points, value ratio 0.5), '
                   "ours against the plain reference (Deformable DETR's `ms_deform_attn_core_pytorch` formulation, the "
                   "tests' oracle); medians of alternated runs; peak memory: the most tensor storage alive at once during one forward+backward (inputs excluded), counted op by op.", '',
-                  '| shape | fwd ms (ours / ref) | speedup | fwd+bwd ms (ours / ref) | speedup | peak MB (ours / ref) |',
-                  '|---|---|---|---|---|---|']
+                  '| shape | fwd ms (ours / ref) | speedup | fwd+bwd ms (ours / ref) | speedup | peak MB (ours / ref) '
+                  '| kernels alone (ms): grid_sample / its backward | fwd+bwd speedup possible on them |',
+                  '|---|---|---|---|---|---|---|---|']
         for r in d['rows']:
             lines.append(f'| {r["name"]} | {r["ours_fwd_ms"]:.2f} / {r["reference_fwd_ms"]:.2f} | {r["speedup_fwd"]:.2f}x | '
                          f'{r["ours_fwd_bwd_ms"]:.2f} / {r["reference_fwd_bwd_ms"]:.2f} | {r["speedup_fwd_bwd"]:.2f}x | '
-                         f'{r["ours_peak_mb"]:.1f} / {r["reference_peak_mb"]:.1f} |')
+                         f'{r["ours_peak_mb"]:.1f} / {r["reference_peak_mb"]:.1f} | {r["sample_kernel_ms"]:.2f} / '
+                         f'{r["backward_kernel_ms"]:.2f} | {r["reference_fwd_bwd_ms"] / _kernel_floor_ms(r):.2f}x |')
+        lines += ['', "The last column is the reference's forward+backward time over two `grid_sample` runs plus one "
+                      '`grid_sampler_2d_backward` (each alone, cache-hot): the most a formulation on these kernels that '
+                      'does not keep its samples for the backward (keeping them costs more memory than the reference) '
+                      'could gain, with everything else free. Every pure-PyTorch scatter measured in place of the '
+                      'backward kernel was slower (see `deform_sampling.py`).']
         s = d['share']
         lines += ['', f'In {s["model"]}: the sampling takes {100 * s["time_share"]:.1f}% of the forward time for '
                       f'{100 * s["flop_share"]:.2f}% of the MACs ({s["sampling_gmacs"]:.2f} of {s["total_gmacs"]:.0f} G).', '']
