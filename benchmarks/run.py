@@ -32,7 +32,7 @@ import piip_timm  # noqa: E402,F401
 from piip_timm.benchmark import synchronize, alternate, device, forward_fn, ratio, train_fn  # noqa: E402
 from piip_timm.flops import _module_macs, count_macs  # noqa: E402
 from piip_timm.layers import deform_sample  # noqa: E402
-from piip_timm.layers.deform_sampling import _bilinear_samples  # noqa: E402
+from piip_timm.layers.deform_sampling import _bilinear_samples, _kernel_layout  # noqa: E402
 
 import models  # noqa: E402
 
@@ -229,11 +229,10 @@ def sampling_kernels_alone(query: int, value: int, d_model: int, repeats: int) -
     Without storing the (N, D, P, Q) samples (memory above the reference's), a formulation on these kernels
     runs the sampling twice (forward, and again for the point weights' gradient) and the backward kernel once.
     """
-    (v, loc, w), (height, width) = _deform_inputs(query, value, d_model, False)
-    heads, points, head_dim = v.shape[2], loc.shape[3], v.shape[3]
-    images = v.permute(0, 2, 3, 1).reshape(heads, head_dim, height, width).contiguous()
-    grid = (2 * loc - 1).permute(0, 2, 3, 1, 4).reshape(heads, points, query * query, 2).contiguous()
-    grad = torch.randn(heads, head_dim, points, query * query, device=v.device)
+    tensors, hw = _deform_inputs(query, value, d_model, False)
+    images, grid, weights = _kernel_layout(tensors[0], hw, *tensors[1:])
+    images, grid = images.contiguous(), grid.contiguous()
+    grad = torch.randn(*images.shape[:2], *weights.shape[1:], device=images.device)  # (N, D, P, Q)
     times = alternate([lambda: _bilinear_samples(images, grid),
                        lambda: torch.ops.aten.grid_sampler_2d_backward(grad, images, grid, 0, 0, False, [True, True])],
                       repeats, warmup=3)
@@ -373,10 +372,11 @@ def time_breakdown(quick: bool, repeats: int) -> Dict:
     components = {key: dict(ms=1e3 * seconds[key] / rounds, gmacs=macs[key] / rounds / 1e9)
                   for key in ['branch blocks', 'interaction units'] + [part[1] for part in parts]
                   + ['interactions: deformable sampling']}
-    kernels = interaction_kernels_alone(model, x, repeats=3 if quick else 20)  # (hooks still add; unread)
+    kernels = interaction_kernels_alone(model, x, repeats=3 if quick else 20)
     floor_s = components['branch blocks']['ms'] / 1e3 + sum(kernels.values())
     return dict(model=pair.name, baseline=pair.baseline_name, piip_fwd_s=statistics.median(times[0]),
-                baseline_fwd_s=base_s, components=components, kernels_alone_ms={key: 1e3 * value for key, value in kernels.items()},
+                baseline_fwd_s=base_s, components=components,
+                kernels_alone_ms={key: 1e3 * value for key, value in kernels.items()},
                 floor_s=floor_s, floor_ratio=floor_s / base_s)
 
 
@@ -388,7 +388,8 @@ def interaction_kernels_alone(model: torch.nn.Module, x: torch.Tensor, repeats: 
     calls = []
 
     def capture(mod, args, out):
-        calls.append((type(mod).__name__, mod, tuple(a.clone() for a in args)))
+        # forward itself, not the module: the timing hooks on it must not add to the kernel's time
+        calls.append((type(mod).__name__, mod.forward, tuple(a.clone() for a in args)))
 
     kinds = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)
     handles = [module.register_forward_hook(capture) for name, module in model.named_modules()

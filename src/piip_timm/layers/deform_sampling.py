@@ -70,6 +70,27 @@ class _WeightedBilinearSampling(torch.autograd.Function):
         return grad_images, grad_grid, grad_weights
 
 
+def _kernel_layout(
+        value: torch.Tensor,
+        value_hw: Tuple[int, int],
+        locations: torch.Tensor,
+        attention_weights: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``deform_sample``'s inputs as its kernels take them, in at least fp32: (B * heads, head_dim, H, W) maps,
+    an (B * heads, P, Q, 2) grid in [-1, 1] and (B * heads, P, Q) weights."""
+    batch, num_values, heads, head_dim = value.shape
+    height, width = value_hw
+    _, num_queries, _, num_points, _ = locations.shape
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    images = value.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+    # Points lead and queries trail (N, P, Q, ...): the kernels then stream along queries.
+    grid = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 1, 4).reshape(batch * heads, num_points, num_queries, 2)
+    weights = attention_weights.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, num_points, num_queries)
+    if grid.stride(2) > 2:  # queries not adjacent: grid_sample's gathers over the grid would stride
+        grid = grid.contiguous()
+    return images, grid, weights.contiguous()
+
+
 def deform_sample(
         value: torch.Tensor,
         value_hw: Tuple[int, int],
@@ -95,15 +116,7 @@ def deform_sample(
     """
     batch, num_values, heads, head_dim = value.shape
     height, width = value_hw
-    _, num_queries, _, num_points, _ = locations.shape
     if num_values != height * width:
         raise ValueError(f'value has {num_values} positions but value_hw is {height}x{width}.')
-    dtype = torch.promote_types(value.dtype, torch.float32)
-    images = value.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
-    # Points lead and queries trail (N, P, Q, ...): the kernels then stream along queries.
-    grid = (2 * locations.to(dtype) - 1).permute(0, 2, 3, 1, 4).reshape(batch * heads, num_points, num_queries, 2)
-    weights = attention_weights.to(dtype).permute(0, 2, 3, 1).reshape(batch * heads, num_points, num_queries)
-    if grid.stride(2) > 2:  # queries not adjacent: grid_sample's gathers over the grid would stride
-        grid = grid.contiguous()
-    out = _WeightedBilinearSampling.apply(images, grid, weights.contiguous())
-    return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).to(value.dtype)
+    out = _WeightedBilinearSampling.apply(*_kernel_layout(value, value_hw, locations, attention_weights))
+    return out.view(batch, heads * head_dim, locations.shape[1]).transpose(1, 2).to(value.dtype)
