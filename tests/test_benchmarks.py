@@ -23,6 +23,7 @@ def test_benchmark_quick_run_writes_report_plot_and_results(tmp_path):
         assert row['fwd_ratio'] > 0 and row['train_ratio'] > 0 and row['piip_eval_mb'] >= 0
     assert results['deform']['rows'] and 0 < results['deform']['share']['time_share'] < 1
     assert all(0 < r['sample_kernel_ms'] < r['reference_fwd_ms'] and 0 < r['backward_kernel_ms'] < r['reference_fwd_bwd_ms']
+               and 0 < r['backward_kernel_share_of_reference'] < 1 and r['kernel_floor_speedup'] > 0
                for r in results['deform']['rows'])
     breakdown = results['breakdown']
     assert '## Where the ImageNet PIIP-TSB forward spends its time' in report

@@ -35,12 +35,6 @@ def _bilinear_samples(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
 
 
-def _point_weight_grad(images: torch.Tensor, grid: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """d(loss)/d(weight of point p) = <grad_out, sample p>, from recomputed samples: (N, P, Q)."""
-    sampled = _bilinear_samples(images, grid)
-    return torch.stack([(sampled[:, :, point] * grad_out).sum(1) for point in range(sampled.shape[2])], dim=1)
-
-
 class _WeightedBilinearSampling(torch.autograd.Function):
     """``grid_sample`` then a weighted sum over points, with the backward written out.
 
@@ -48,7 +42,9 @@ class _WeightedBilinearSampling(torch.autograd.Function):
     like the weights, which the kernel first copies, and keeps the (N, D, P, Q) samples alive from
     forward to backward. Here the kernels get a contiguous gradient and grid, and the samples are
     recomputed in the backward (one cheap ``grid_sample``) instead of stored: less memory held for
-    training, and never two (N, D, P, Q) tensors at once (peak below the plain formulation's).
+    training. The backward has one (N, D, P, Q) buffer: the recomputed samples become the products
+    for the point weights' gradient in place, then the gradient of the samples is written over them
+    (peak below the plain formulation's, and no second large allocation).
     """
 
     @staticmethod
@@ -59,12 +55,14 @@ class _WeightedBilinearSampling(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         images, grid, weights = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_images = grad_grid = grad_weights = None
-        if ctx.needs_input_grad[2]:  # before grad_sampled exists, so the samples are freed first
-            grad_weights = _point_weight_grad(images, grid, grad_out)
+        grad_out = grad_out.contiguous()[:, :, None]  # (N, D, 1, Q)
+        buffer = grad_images = grad_grid = grad_weights = None
+        if ctx.needs_input_grad[2]:
+            # d(loss)/d(weight of point p at query q) = sum over channels of grad_out * sample p.
+            buffer = _bilinear_samples(images, grid).mul_(grad_out)
+            grad_weights = buffer.sum(1)  # (N, P, Q)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_sampled = grad_out[:, :, None] * weights[:, None]  # (N, D, P, Q), contiguous
+            grad_sampled = torch.mul(grad_out, weights[:, None], out=buffer)  # (N, D, P, Q), contiguous
             grad_images, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
                 grad_sampled, images, grid, 0, 0, False, [ctx.needs_input_grad[0], ctx.needs_input_grad[1]])
         return grad_images, grad_grid, grad_weights
