@@ -508,7 +508,7 @@ def report(results: Dict, path: Path) -> None:
                          f'{r["kernel_floor_speedup"]:.2f}x |')
         lines += ['', 'The kernels run alone on contiguous inputs, alternated with the two ops in the same rounds. '
                       "`grid_sampler_2d_backward` computes the value gradient (a scatter) and the location gradient; the "
-                      "reference runs it too, and it is most of the reference's time (second-last column). The last "
+                      "reference runs it too (second-last column: its share of the reference's time). The last "
                       "column is the reference's forward+backward time over two `grid_sample` runs plus one backward "
                       'kernel, per round: the most a formulation on these kernels that does not keep its samples for '
                       'the backward (keeping them costs more memory than the reference) could gain, with everything '
