@@ -224,15 +224,15 @@ def deform_peak_mb(op, tensors, hw) -> float:
     return counter.peak / 2 ** 20
 
 
-def sampling_kernels(query: int, value: int, d_model: int) -> Tuple[Callable[[], None], Callable[[], None]]:
+def sampling_kernels(tensors: List[torch.Tensor], hw: Tuple[int, int]) -> Tuple[Callable[[], None], Callable[[], None]]:
     """``grid_sample`` and ``grid_sampler_2d_backward`` (value and location gradients in one kernel, which the
-    reference's backward runs too), each alone at an injector's shape on contiguous inputs.
+    reference's backward runs too), each alone on the op's inputs laid out for them, contiguous.
 
     Without storing the (N, D, P, Q) samples (memory above the reference's), a formulation on these kernels
     runs the sampling twice (forward, and again for the point weights' gradient) and the backward kernel once.
     """
-    tensors, hw = _deform_inputs(query, value, d_model, False)
-    images, grid, weights = _kernel_layout(tensors[0], hw, *tensors[1:])
+    value, locations, attention_weights = (t.detach() for t in tensors)
+    images, grid, weights = _kernel_layout(value, hw, locations, attention_weights)
     images, grid = images.contiguous(), grid.contiguous()
     grad = torch.randn(*images.shape[:2], *weights.shape[1:], device=images.device)  # (N, D, P, Q)
     return (lambda: _bilinear_samples(images, grid),
@@ -248,17 +248,18 @@ def deform_section(quick: bool, repeats: int) -> Dict:
             tensors, hw = _deform_inputs(query, value, d_model, grad)
             fns = [_deform_fn(deform_sample, tensors, hw, grad), _deform_fn(grid_sample_reference, tensors, hw, grad)]
             if grad:  # the kernels in the same rounds, so the floor below is a ratio within one round too
-                fns += sampling_kernels(query, value, d_model)
+                fns += sampling_kernels(tensors, hw)
             times = alternate(fns, repeats * 10, warmup=3)
             key = 'fwd_bwd' if grad else 'fwd'
             result[f'ours_{key}_ms'] = statistics.median(times[0]) * 1000
             result[f'reference_{key}_ms'] = statistics.median(times[1]) * 1000
             result[f'speedup_{key}'] = 1 / ratio(*times[:2])
-        result['sample_kernel_ms'] = statistics.median(times[2]) * 1000
-        result['backward_kernel_ms'] = statistics.median(times[3]) * 1000
-        result['kernel_floor_speedup'] = statistics.median(
-            reference / (2 * sample + backward) for reference, sample, backward in zip(*times[1:]))
-        result['backward_kernel_share_of_reference'] = ratio(times[3], times[1])
+            if grad:
+                result['sample_kernel_ms'] = statistics.median(times[2]) * 1000
+                result['backward_kernel_ms'] = statistics.median(times[3]) * 1000
+                result['kernel_floor_speedup'] = statistics.median(
+                    reference / (2 * sample + backward) for reference, sample, backward in zip(*times[1:]))
+                result['backward_kernel_share_of_reference'] = ratio(times[3], times[1])
         tensors, hw = _deform_inputs(query, value, d_model, True)
         result['ours_peak_mb'] = deform_peak_mb(deform_sample, tensors, hw)
         result['reference_peak_mb'] = deform_peak_mb(grid_sample_reference, tensors, hw)
