@@ -1,4 +1,6 @@
-"""Equivalence with the original PIIP code on the shared reference cases."""
+"""Equivalence with the original PIIP code on the shared reference cases (every family's folder)."""
+import re
+
 import pytest
 import torch
 from timm.layers import DropPath
@@ -8,16 +10,18 @@ from piip_timm.convert import convert_original_state_dict
 
 from conftest import load_case, reference_files
 
-CASES = reference_files('cases')
+CASES = reference_files('cases') + reference_files('convnext/cases')
 
 
 def _build(case, state):
-    return piip_timm.from_original(case['constructor_kwargs'], case['task'], checkpoint=state).eval()
+    return piip_timm.from_original(case['constructor_kwargs'], case['task'], checkpoint=state,
+                                   pretrained_configs=case.get('pretrained_configs')).eval()
 
 
 def test_all_published_cases_are_found():
     names = {p.stem for p in CASES}
-    assert {'cls2', 'cls3_augreg', 'cls3_merged', 'cls3_sephead', 'cls4', 'det3', 'det3_lh6b_like', 'det4'} <= names
+    assert {'cls2', 'cls3_augreg', 'cls3_merged', 'cls3_sephead', 'cls4', 'det3', 'det3_lh6b_like', 'det4',
+            'det3_cnn_ctcscb', 'det3_hybrid_ctvsvb', 'det3_hybrid_vtcscb'} <= names
 
 
 @pytest.mark.parametrize('path', CASES, ids=[p.stem for p in CASES])
@@ -39,8 +43,9 @@ def test_loading_is_strict_and_complete(path):
     """Every original tensor lands in exactly one of ours, and every one of ours comes from the file."""
     case, state, _, _ = load_case(path)
     converted = convert_original_state_dict(state)
-    assert len(converted) == len(state) - sum(k.startswith('w') and k[1:].isdigit() for k in state) + \
-        (1 if any(k == 'w1' for k in state) else 0)
+    # Scalar merge weights (w1.., intermediate_merging_{i}_w1..) become one vector per merge.
+    scalars = [k for k in state if re.search(r'(^|_)w\d$', k)]
+    assert len(converted) == len(state) - len(scalars) + len({k[:-1] for k in scalars})
     model = _build(case, state)
     inner = model.model if hasattr(model, 'model') else model
     assert set(inner.state_dict()) == set(converted)
@@ -56,7 +61,7 @@ def test_loading_is_strict_and_complete(path):
     with pytest.raises(ValueError, match='1 unexpected'):
         _build(case, extra)
     wrong = dict(state)
-    key = next(k for k in wrong if k.endswith('attn.qkv.weight'))
+    key = next(k for k in wrong if k.endswith('attn.value_proj.weight'))
     wrong[key] = wrong[key][:-1]
     with pytest.raises(ValueError, match='1 of another shape'):
         _build(case, wrong)

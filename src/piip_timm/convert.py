@@ -3,13 +3,18 @@
 The original names branches ``branch1..branch4`` and interaction units
 ``interaction_units_12/23/34``; this package has ``branches.{i}`` (timm ViT keys),
 ``interactions.{step}.{pair}``, ``merges.{i}``, ``branch_weights``, ``pyramid`` and
-``head``. The mapping depends only on the keys (and, for merges, on which keys exist),
-so it runs without building a model.
+``head``. ConvNeXt branches (``branchK.convnext_model.*``, transformers ``ConvNextModel`` names)
+get timm's ``convnext_*`` names; the regular-FPN detectors' merges after interaction ``i``
+(``intermediate_merging_{i}_*``) become ``out_merges.{i}`` and their ``fpn{k}`` ``pyramid.{k-1}``.
+The mapping depends only on the keys (and, for merges, on which keys exist), so it runs without
+building a model.
 """
 import re
-from typing import Any, Dict, Mapping, MutableMapping
+from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 import torch
+
+from .convnext_branch import ConvNeXtBranch
 
 __all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout', 'to_package_layout']
 
@@ -17,6 +22,9 @@ _BRANCH = re.compile(r'^branch(\d)\.(.+)$')
 _UNIT = re.compile(r'^interactions\.(\d+)\.interaction_units_(\d)(\d)\.(.+)$')
 _MERGE = re.compile(r'^merge_branch(\d)\.(.+)$')
 _BRANCH_WEIGHT = re.compile(r'^w(\d)$')
+_OUT_MERGE = re.compile(r'^intermediate_merging_(\d+)_branch(\d)\.(.+)$')
+_OUT_MERGE_WEIGHT = re.compile(r'^intermediate_merging_(\d+)_w(\d)$')
+_REGULAR_FPN_LEVEL = re.compile(r'^fpn(\d)\.(.+)$')
 
 _UNIT_RENAMES = (
     ('branch2to1_proj.', 'fine_to_coarse_proj.'),
@@ -31,6 +39,8 @@ _INJECTOR_RENAMES = (
 )
 _LINEAR_MERGE = {'0': 'norm_in', '2': 'proj', '4': 'norm_out'}
 _CONV_MERGE = {'0': 'conv1', '1': 'norm1', '3': 'conv2', '4': 'norm2'}
+# Regular-FPN merges: GroupNorm-ReLU on the coarsest branch, conv-GroupNorm-ReLU on the others.
+_SINGLE_CONV_MERGE = ({'0': 'norm'}, {'0': 'conv', '1': 'norm'})
 _TOP_LEVEL = {
     'cls_norm.weight': 'norm.weight',
     'cls_norm.bias': 'norm.bias',
@@ -80,6 +90,9 @@ def to_package_layout(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def _branch_key(index: int, rest: str) -> str:
+    convnext = ConvNeXtBranch.original_key(rest)
+    if convnext is not None:
+        return f'branches.{index}.{convnext}'
     rest = re.sub(r'^blocks\.(\d+)\.gamma_1$', r'blocks.\1.ls1.gamma', rest)
     rest = re.sub(r'^blocks\.(\d+)\.gamma_2$', r'blocks.\1.ls2.gamma', rest)
     if rest.startswith('head.'):
@@ -108,28 +121,40 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     Raises ValueError naming any key the original code would not have produced.
     """
     state_dict = unwrap_state_dict(state_dict)
+    regular_fpn = any(_OUT_MERGE.match(k) for k in state_dict)
     conv_merge = any(re.match(r'^merge_branch\d\.(1|3)\.', k) for k in state_dict)
-    merge_names = _CONV_MERGE if conv_merge else _LINEAR_MERGE
     out: MutableMapping[str, torch.Tensor] = {}
-    branch_weights = {}
+    weights: Dict[str, Dict[int, torch.Tensor]] = {}  # stacked weight name -> branch number -> scalar
     unknown = []
+
+    def merge_key(prefix: str, index: int, rest: str) -> Optional[str]:
+        if regular_fpn:
+            names = _SINGLE_CONV_MERGE[min(index, 1)]
+        elif conv_merge:
+            names = _CONV_MERGE
+        else:
+            names = _LINEAR_MERGE
+            if rest in ('weight', 'bias'):  # the target branch's linear merge is a bare GroupNorm
+                return f'{prefix}.{index}.norm_in.{rest}'
+        layer, _, param = rest.partition('.')
+        return f'{prefix}.{index}.{names[layer]}.{param}' if layer in names else None
+
     for key, value in state_dict.items():
         if m := _BRANCH.match(key):
             out[_branch_key(int(m.group(1)) - 1, m.group(2))] = value
         elif m := _UNIT.match(key):
             out[_unit_key(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4))] = value
-        elif m := _MERGE.match(key):
-            index, rest = int(m.group(1)) - 1, m.group(2)
-            if rest in ('weight', 'bias'):  # the target branch's merge is a bare GroupNorm
-                out[f'merges.{index}.norm_in.{rest}'] = value
-                continue
-            layer, _, param = rest.partition('.')
-            if layer not in merge_names:
-                unknown.append(key)
-                continue
-            out[f'merges.{index}.{merge_names[layer]}.{param}'] = value
+        elif (m := _MERGE.match(key)) and (new := merge_key('merges', int(m.group(1)) - 1, m.group(2))):
+            out[new] = value
+        elif (m := _OUT_MERGE.match(key)) and (
+                new := merge_key(f'out_merges.{m.group(1)}.merges', int(m.group(2)) - 1, m.group(3))):
+            out[new] = value
         elif m := _BRANCH_WEIGHT.match(key):
-            branch_weights[int(m.group(1))] = value
+            weights.setdefault('branch_weights', {})[int(m.group(1))] = value
+        elif m := _OUT_MERGE_WEIGHT.match(key):
+            weights.setdefault(f'out_merges.{m.group(1)}.branch_weights', {})[int(m.group(2))] = value
+        elif regular_fpn and (m := _REGULAR_FPN_LEVEL.match(key)):
+            out[f'pyramid.{int(m.group(1)) - 1}.{m.group(2)}'] = value
         elif key in _TOP_LEVEL:
             out[_TOP_LEVEL[key]] = value
         else:
@@ -137,8 +162,8 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     if unknown:
         raise ValueError(
             f'{len(unknown)} keys are not part of an original PIIP model this package can build: {unknown[:8]}.')
-    if branch_weights:
-        if sorted(branch_weights) != list(range(1, len(branch_weights) + 1)):
-            raise ValueError(f'branch weights w1..wN are incomplete: found {sorted(branch_weights)}.')
-        out['branch_weights'] = torch.stack([branch_weights[i].reshape(()) for i in sorted(branch_weights)])
+    for name, scalars in weights.items():
+        if sorted(scalars) != list(range(1, len(scalars) + 1)):
+            raise ValueError(f'branch weights of {name} are incomplete: found w{sorted(scalars)}.')
+        out[name] = torch.stack([scalars[i].reshape(()) for i in sorted(scalars)])
     return dict(out)

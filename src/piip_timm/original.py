@@ -4,8 +4,9 @@
 (``classification/configs/*.py`` for ``task='cls'``; ``mmdetection/configs/piip/**`` minus
 ``type`` for ``task='det'``) and honours the original code's semantics, quirks included:
 the defaults of each original class, the branch class chosen from the ``pretrained``
-string in detection configs (the string is never opened), and ``piip_4branch.py``
-building its fourth detection branch from branch3's settings.
+string in detection configs (the string is never opened; a ConvNeXt's architecture comes from
+the real model's name or from ``pretrained_configs``), and ``piip_4branch.py`` building its fourth
+detection branch from branch3's settings.
 """
 import os
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from .convert import to_package_layout
+from .convnext_branch import CONVNEXT_SIZES, ConvNeXtBranchCfg, convnext_layer_strides
 from .piip import PIIP, BranchCfg, InteractionCfg
 from .weights import load_checkpoint_file, load_strict
 
@@ -172,7 +174,63 @@ def _internvit_branch(config: Mapping[str, Any], where: str, task: str) -> Branc
     return cfg
 
 
-def _branch_configs(config: Mapping[str, Any], task: str) -> List[BranchCfg]:
+# transformers ConvNextModel repositories the original names in ``pretrained``: (hidden_sizes, depths).
+KNOWN_CONVNEXT = {
+    f'facebook/convnext-{name}-{res}': (CONVNEXT_SIZES[size][0], CONVNEXT_SIZES[size][1])
+    for name, size in (('tiny', 'T'), ('small', 'S'), ('base', 'B'), ('large', 'L'))
+    for res in ('224', '224-22k', '224-22k-1k', '384', '384-22k-1k')
+}
+# ConvNextConfig fields a pretrained_configs entry may carry, and the values this package can build.
+_CONVNEXT_FIXED = {'num_channels': 3, 'patch_size': 4, 'num_stages': 4, 'hidden_act': 'gelu'}
+_CONVNEXT_FREE = {'hidden_sizes', 'depths', 'layer_scale_init_value', 'layer_norm_eps', 'image_size',
+                  'drop_path_rate'}
+
+
+def _convnext_architecture(name: str, pretrained_configs: Mapping[str, Any], where: str) -> Tuple[tuple, tuple, float]:
+    """(hidden_sizes, depths, layer-scale init) of the transformers ConvNextModel the original loads by name."""
+    if name in pretrained_configs:
+        config = dict(pretrained_configs[name])
+        unknown = sorted(set(config) - _CONVNEXT_FREE - set(_CONVNEXT_FIXED))
+        if unknown:
+            raise ValueError(f'{where}: pretrained_configs[{name!r}] has unsupported keys {unknown}.')
+        for key, value in _CONVNEXT_FIXED.items():
+            if config.get(key, value) != value:
+                raise ValueError(f'{where}: pretrained_configs[{name!r}] needs {key}={value!r}, got {config[key]!r}.')
+        if 'hidden_sizes' not in config or 'depths' not in config:
+            raise ValueError(f'{where}: pretrained_configs[{name!r}] needs hidden_sizes and depths.')
+        dims, depths = tuple(config['hidden_sizes']), tuple(config['depths'])
+        if len(dims) != 4 or len(depths) != 4:
+            raise ValueError(f'{where}: pretrained_configs[{name!r}] needs 4 hidden_sizes and 4 depths.')
+        return dims, depths, float(config.get('layer_scale_init_value', 1e-6))
+    if name in KNOWN_CONVNEXT:
+        dims, depths = KNOWN_CONVNEXT[name]
+        return dims, depths, 1e-6
+    raise ValueError(f'{where}: the architecture of {name!r} is unknown; pass '
+                     f"pretrained_configs={{{name!r}: {{'hidden_sizes': [...], 'depths': [...]}}}}.")
+
+
+def _convnext_branch(config: Mapping[str, Any], where: str, pretrained_configs: Mapping[str, Any]) -> ConvNeXtBranchCfg:
+    """``ConvNextHFWrapper`` (convnext_hf_wrapper.py): a transformers ConvNextModel named by ``pretrained``."""
+    o = _Options(dict(config), where)
+    ranges = _ranges(o.pop('interaction_indexes'), where)
+    dims, depths, ls_init = _convnext_architecture(o.pop('pretrained'), pretrained_configs, where)
+    strides = convnext_layer_strides(depths)
+    ratios = o.pop('downsample_ratios')
+    if ratios is None or tuple(ratios) != strides:
+        raise ValueError(f'{where}: downsample_ratios must give the stride after each of the {len(strides)} '
+                         f'counted layers, {list(strides)}; got {ratios}.')
+    if ranges[-1][1] >= len(strides):
+        raise ValueError(f'{where}: interaction_indexes reach layer {ranges[-1][1]}; the branch has {len(strides)}.')
+    cfg = ConvNeXtBranchCfg(
+        img_size=o.pop('real_size'), dims=dims, depths=depths, block_ranges=ranges, ls_init_value=ls_init,
+        drop_path_rate=o.pop('drop_path_rate', None) or 0.0,
+        head_norm=True,  # the transformers model's final LayerNorm: in the state dict, never run
+    )
+    o.finish()
+    return cfg
+
+
+def _branch_configs(config: Mapping[str, Any], task: str, pretrained_configs: Mapping[str, Any]) -> List[Union[BranchCfg, ConvNeXtBranchCfg]]:
     names = [f'branch{i}' for i in range(1, 5) if f'branch{i}' in config]
     if names != [f'branch{i}' for i in range(1, len(names) + 1)] or len(names) < 2:
         raise ValueError(f'the config needs branch1..branchN (N = 2, 3 or 4), got {names}.')
@@ -204,23 +262,35 @@ def _branch_configs(config: Mapping[str, Any], task: str) -> List[BranchCfg]:
         if not isinstance(pretrained, str):
             raise ValueError(f'{name}: detection configs choose the branch class from the "pretrained" string; '
                              f'got {pretrained!r}.')
-        for unsupported in ('beit', 'perceiver', 'convnext'):
+        for unsupported in ('beit', 'perceiver'):
             if unsupported in pretrained:
                 raise ValueError(f'{name}: {unsupported} branches ("{pretrained}") are not supported.')
-        if 'deit' in pretrained:
+        if 'convnext' in pretrained:
+            if len(names) != 3:
+                raise ValueError(f'{name}: ConvNeXt branches exist only in the three-branch original (PIIPThreeBranch).')
+            branches.append(_convnext_branch(branch, name, pretrained_configs))
+        elif 'deit' in pretrained:
             branches.append(_deit_branch(branch, name, task))
         else:
             branches.append(_internvit_branch(branch, name, task))
     return branches
 
 
-def translate_original_config(config: Mapping[str, Any], task: str) -> Tuple[Dict[str, Any], Optional[List[int]]]:
+def translate_original_config(
+        config: Mapping[str, Any],
+        task: str,
+        pretrained_configs: Optional[Mapping[str, Any]] = None,
+) -> Tuple[Dict[str, Any], Optional[List[int]]]:
     """PIIP constructor kwargs for an original backbone config, and the pyramid levels the
-    original detector returns (None for classifiers)."""
+    original detector returns (None for classifiers).
+
+    ``pretrained_configs``: ``{name: {'hidden_sizes': [...], 'depths': [...]}}`` for ConvNeXt branches whose
+    ``pretrained`` name is not one of the real ``facebook/convnext-*`` models.
+    """
     if task not in ('cls', 'det'):
         raise ValueError(f"task must be 'cls' or 'det', got {task!r}.")
     o = _Options({k: v for k, v in config.items() if k not in ('type', '_delete_')}, 'backbone config')
-    branches = _branch_configs(config, task)
+    branches = _branch_configs(config, task, pretrained_configs or {})
     for name in [k for k in o.values if k.startswith('branch')]:
         o.pop(name)
     attn_type = o.pop('interact_attn_type', 'normal')
@@ -254,17 +324,31 @@ def translate_original_config(config: Mapping[str, Any], task: str) -> Tuple[Dic
             kwargs.update(head='merged', merge='linear', num_classes=num_classes, global_pool='avg')
     else:
         is_dino = o.pop('is_dino', False)
-        if not o.pop('with_simple_fpn', True):
-            raise ValueError('with_simple_fpn=False (the regular-FPN variant) is not supported.')
-        o.pop('out_interaction_indexes', None)
+        simple_fpn = o.pop('with_simple_fpn', True)
+        out_interactions = o.pop('out_interaction_indexes', None)
         o.pop('pretrained', None)
         o.pop('cal_flops', None)
-        if is_dino and len(branches) != 3:
-            levels = ['up2', 'same', 'down2']  # piip_2branch/4branch build no fpn1 for DINO
+        if not simple_fpn:
+            # piip_3branch's regular-FPN outputs: merges after three interactions and at the end.
+            if len(branches) != 3:
+                raise ValueError('with_simple_fpn=False exists only in the three-branch original (PIIPThreeBranch).')
+            if is_dino:
+                raise ValueError('is_dino=True with with_simple_fpn=False is not supported.')
+            if out_interactions is None or len(out_interactions) != 3:
+                raise ValueError(f'with_simple_fpn=False needs three out_interaction_indexes, got {out_interactions}.')
+            kwargs.update(head=None, merge='single_conv', out_interactions=tuple(int(i) for i in out_interactions),
+                          num_classes=0)
+            returned = [0, 1, 2, 3]
+        elif isinstance(branches[-1], ConvNeXtBranchCfg):
+            raise ValueError('with_simple_fpn=True needs a ViT as branch3 (the original asserts it); '
+                             'a ConvNeXt branch3 takes with_simple_fpn=False.')
         else:
-            levels = ['up4', 'up2', 'same', 'down2']  # piip_3branch builds fpn1 even for DINO
-        returned = [levels.index(name) for name in (['up2', 'same', 'down2'] if is_dino else levels)]
-        kwargs.update(head=None, merge='conv', pyramid=levels, num_classes=0)
+            if is_dino and len(branches) != 3:
+                levels = ['up2', 'same', 'down2']  # piip_2branch/4branch build no fpn1 for DINO
+            else:
+                levels = ['up4', 'up2', 'same', 'down2']  # piip_3branch builds fpn1 even for DINO
+            returned = [levels.index(name) for name in (['up2', 'same', 'down2'] if is_dino else levels)]
+            kwargs.update(head=None, merge='conv', pyramid=levels, num_classes=0)
     o.finish()
     return kwargs, returned
 
@@ -273,6 +357,7 @@ def from_original(
         config: Mapping[str, Any],
         task: str,
         checkpoint: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
+        pretrained_configs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
     """A model equivalent to the original PIIP backbone built from ``config``.
 
@@ -283,8 +368,11 @@ def from_original(
         checkpoint: optional weights in the original layout (or this package's): a state dict, or a path to a ``.pth``/``.bin``
             (loaded with ``weights_only=True``) or ``.safetensors`` file; ``model``/``state_dict``/``module``
             wrappers and mmdet's ``backbone.`` prefix are accepted. Loading is strict.
+        pretrained_configs: architectures of ConvNeXt branches named in ``pretrained`` other than the real
+            ``facebook/convnext-*`` models: ``{name: {'hidden_sizes': [...], 'depths': [...]}}`` (the original
+            loads the architecture with the weights, so the config does not hold it).
     """
-    kwargs, returned = translate_original_config(config, task)
+    kwargs, returned = translate_original_config(config, task, pretrained_configs)
     model = PIIP(**kwargs)
     if checkpoint is not None:
         state = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint

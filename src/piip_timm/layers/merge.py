@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['LinearMerge', 'ConvMerge']
+__all__ = ['LinearMerge', 'ConvMerge', 'SingleConvMerge']
 
 
 class LinearMerge(nn.Module):
@@ -43,3 +43,25 @@ class ConvMerge(nn.Module):
         """(B, in_dim, H, W) -> (B, out_dim, H, W)."""
         x = F.relu(self.norm1(self.conv1(x)))
         return F.relu(self.norm2(self.conv2(x)))
+
+
+class SingleConvMerge(nn.Module):
+    """3x3 conv (no bias) to the merged width, GroupNorm, ReLU; the coarsest branch (``project=False``,
+    already at the merged width) only GroupNorm and ReLU. The merges of PIIP's regular-FPN detectors.
+    """
+
+    def __init__(
+            self, in_dim: int, out_dim: int, project: bool = True, groups: int = 32, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if not project and in_dim != out_dim:
+            raise ValueError(f'a merge without projection needs in_dim == out_dim, got {in_dim} and {out_dim}.')
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1, bias=False, **dd) if project else None
+        self.norm = nn.GroupNorm(groups, out_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_dim, H, W) -> (B, out_dim, H, W)."""
+        if self.conv is not None:
+            x = self.conv(x)
+        return F.relu(self.norm(x))

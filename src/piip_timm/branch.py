@@ -1,0 +1,96 @@
+"""The interface between the PIIP model and its branches.
+
+A branch is a pretrained single-image model split into *counted layers*: for a ViT its blocks; for a
+ConvNeXt every block and every stage's downsampling layer. Between interactions a branch runs a range
+of its counted layers on tokens ``(B, H*W, C)`` of its current grid; width and grid may change inside
+a range (ConvNeXt stages), so the model asks the branch for the width and stride after any layer.
+
+The model talks to branches only through this interface, so every branch kind goes through the same
+code path; a new kind of branch is one class that implements it, plus its config dataclass.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ['PIIPBranch', 'BlockRanges', 'Grid']
+
+BlockRanges = Tuple[Tuple[int, int], ...]
+Grid = Tuple[int, int]
+
+
+class PIIPBranch(nn.Module):
+    """Abstract PIIP branch (mixed into a stock timm model, so parameter names stay timm's).
+
+    Implementations set ``cfg`` (their config dataclass, with at least ``img_size`` and
+    ``block_ranges``) and define the methods below.
+    """
+    cfg = None
+
+    @property
+    def layer_widths(self) -> Tuple[int, ...]:
+        """Channels of the tokens after each counted layer."""
+        raise NotImplementedError
+
+    @property
+    def layer_strides(self) -> Tuple[int, ...]:
+        """Nominal stride (branch image pixels per token) after each counted layer."""
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_widths)
+
+    @property
+    def embed_width(self) -> int:
+        """Channels of the embedded tokens, before the first counted layer."""
+        raise NotImplementedError
+
+    @property
+    def max_stride(self) -> int:
+        """The largest stride a forward reaches: images smaller than this on a side cannot run."""
+        return max(self.layer_strides)
+
+    def range_width(self, step: int) -> int:
+        """Width of the tokens this branch hands to interaction ``step``."""
+        return self.layer_widths[self.cfg.block_ranges[step][1]]
+
+    def range_stride(self, step: int) -> int:
+        """Stride of the tokens this branch hands to interaction ``step``."""
+        return self.layer_strides[self.cfg.block_ranges[step][1]]
+
+    def embed(self, image: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Grid]:
+        """Image (B, C, H, W) -> tokens (B, N, C) in (B, N, C) memory, prefix tokens (or None), token grid."""
+        raise NotImplementedError
+
+    def forward_layers(
+            self,
+            start: int,
+            end: int,
+            tokens: torch.Tensor,
+            prefix: Optional[torch.Tensor],
+            hw: Grid,
+            checkpointing: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Grid]:
+        """Run counted layers ``start..end`` (inclusive): new tokens, prefix tokens and grid."""
+        raise NotImplementedError
+
+    def layer_of_parameter(self, name: str) -> Optional[int]:
+        """The counted layer a parameter (name relative to the branch) belongs to; -1 for the
+        embedding, None for parameters outside the layers (final norms)."""
+        raise NotImplementedError
+
+    def activation_elements(self, height: int, width: int) -> Tuple[int, int]:
+        """A lower bound of the elements a forward on a height x width branch image holds:
+        (its tokens after the embedding, the largest transient of one layer)."""
+        raise NotImplementedError
+
+    def from_pretrained_weights(self, source: Dict[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
+        """Weights of the single pretrained model (timm keys) -> this branch's state dict, the way the
+        original initialised its branches; parts of the single model a branch has no use for are dropped."""
+        raise NotImplementedError
+
+    def adapt_checkpoint(self, state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+        """A PIIP checkpoint's tensors for this branch (keys under ``prefix``) made to fit it (e.g. a
+        position embedding of another grid); the default keeps them as they are."""
+        return state

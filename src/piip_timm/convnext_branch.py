@@ -1,0 +1,177 @@
+"""ConvNeXt as a PIIP branch: a stock timm ``ConvNeXt`` whose blocks and downsampling layers are counted layers.
+
+As in the original (TPAMI 2025, ``ConvNextHFWrapper``), every ConvNeXt block and every stage's
+downsampling layer (LayerNorm + 2x2 stride-2 conv) is one counted layer, so an interaction range can
+cross a stage boundary and the width and stride change between interactions: ConvNeXt-T has 21
+counted layers, ConvNeXt-S/B 39. The stem (4x4 stride-4 conv + LayerNorm) is the embedding. Parameter
+names are timm's ``convnext_*`` names, so timm's ``convnext_*.fb_in1k`` weights load as they are; the
+original's checkpoints (transformers ``ConvNextModel`` names) are converted by ``original_key``.
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from timm.models.convnext import ConvNeXt
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .branch import BlockRanges, Grid, PIIPBranch
+
+__all__ = ['ConvNeXtBranchCfg', 'ConvNeXtBranch', 'CONVNEXT_SIZES', 'convnext_layer_strides', 'hf_convnext_key']
+
+# (dims, depths) of the ConvNeXt sizes PIIP combines (timm convnext_* / facebook/convnext-*-224).
+CONVNEXT_SIZES = {
+    'T': ((96, 192, 384, 768), (3, 3, 9, 3)),
+    'S': ((96, 192, 384, 768), (3, 3, 27, 3)),
+    'B': ((128, 256, 512, 1024), (3, 3, 27, 3)),
+    'L': ((192, 384, 768, 1536), (3, 3, 27, 3)),
+}
+
+
+@dataclass(frozen=True)
+class ConvNeXtBranchCfg:
+    """One ConvNeXt branch and the size of the image it is designed for.
+
+    ``block_ranges[k]`` are the counted layers (blocks and downsampling layers, in order) run before
+    interaction ``k``. ``head_norm``: keep timm's final ``head.norm`` (the original keeps the
+    transformers model's final LayerNorm although its forward never uses it; only ``from_original``
+    needs it, for the original's exact parameter set).
+    """
+    img_size: int
+    dims: Tuple[int, ...]
+    depths: Tuple[int, ...]
+    block_ranges: BlockRanges
+    ls_init_value: float = 1e-6
+    drop_path_rate: float = 0.0
+    head_norm: bool = False
+
+    def __post_init__(self):
+        if len(self.dims) != len(self.depths):
+            raise ValueError(f'ConvNeXt dims {self.dims} and depths {self.depths} need one entry per stage.')
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.depths) + len(self.depths) - 1
+
+    def build(self, in_chans: int = 3, final_norm: bool = False, device=None, dtype=None) -> 'ConvNeXtBranch':
+        if final_norm:
+            raise ValueError('ConvNeXt branches have no per-branch classifier; use head="merged" or None.')
+        return ConvNeXtBranch(self, in_chans=in_chans, device=device, dtype=dtype)
+
+
+def _counted_layers(depths) -> List[Tuple[int, Optional[int]]]:
+    """(stage, block) of every counted layer in order; block None is the stage's downsampling layer."""
+    layers = []
+    for stage, depth in enumerate(depths):
+        if stage > 0:
+            layers.append((stage, None))
+        layers.extend((stage, block) for block in range(depth))
+    return layers
+
+
+def convnext_layer_strides(depths, patch_size: int = 4) -> Tuple[int, ...]:
+    """Stride after each counted layer: the stem's, doubled by each downsampling layer."""
+    return tuple(patch_size * 2 ** stage for stage, _ in _counted_layers(depths))
+
+
+class ConvNeXtBranch(PIIPBranch, ConvNeXt):
+    """A timm ConvNeXt run layer by layer on PIIP tokens (no classifier)."""
+
+    def __init__(self, cfg: ConvNeXtBranchCfg, in_chans: int = 3, device=None, dtype=None) -> None:
+        super().__init__(
+            in_chans=in_chans, num_classes=0, global_pool='', depths=tuple(cfg.depths), dims=tuple(cfg.dims),
+            ls_init_value=cfg.ls_init_value, drop_path_rate=cfg.drop_path_rate, device=device, dtype=dtype)
+        self.cfg = cfg
+        if not cfg.head_norm:
+            self.head = nn.Identity()
+        self._layers = _counted_layers(cfg.depths)
+        self._widths = tuple(cfg.dims[stage] for stage, _ in self._layers)
+        self._strides = convnext_layer_strides(cfg.depths)
+
+    @property
+    def layer_widths(self) -> Tuple[int, ...]:
+        return self._widths
+
+    @property
+    def layer_strides(self) -> Tuple[int, ...]:
+        return self._strides
+
+    @property
+    def embed_width(self) -> int:
+        return self.cfg.dims[0]
+
+    def layer(self, index: int) -> nn.Module:
+        stage, block = self._layers[index]
+        return self.stages[stage].downsample if block is None else self.stages[stage].blocks[block]
+
+    def embed(self, image: torch.Tensor) -> Tuple[torch.Tensor, None, Grid]:
+        x = self.stem(image)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2).contiguous(), None, grid
+
+    def forward_layers(self, start, end, tokens, prefix, hw, checkpointing=False):
+        x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], hw[0], hw[1])
+        for j in range(start, end + 1):
+            layer = self.layer(j)
+            x = checkpoint(layer, x, use_reentrant=False) if checkpointing else layer(x)
+        # Layers keep the channels-last memory of the tokens, so these are (B, N, C) views, not copies.
+        return x.flatten(2).transpose(1, 2).contiguous(), prefix, (x.shape[-2], x.shape[-1])
+
+    def layer_of_parameter(self, name: str) -> Optional[int]:
+        if name.startswith('stem.'):
+            return -1
+        m = re.match(r'stages\.(\d+)\.(downsample|blocks\.(\d+))\.', name)
+        if m is None:
+            return None
+        block = int(m.group(3)) if m.group(3) is not None else None
+        return self._layers.index((int(m.group(1)), block))
+
+    def activation_elements(self, height: int, width: int) -> Tuple[int, int]:
+        tokens = (height // 4) * (width // 4) * self.cfg.dims[0]
+        return tokens, 2 * 4 * tokens  # the first stage's MLP holds 4x the tokens, before and after GELU
+
+    def from_pretrained_weights(self, source: Dict[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
+        own = self.state_dict()
+        # A single ConvNeXt's classifier (and, unless kept, its final norm) has no place in a branch.
+        return {k: v for k, v in source.items() if k in own or not k.startswith('head.')}
+
+    @staticmethod
+    def original_key(rest: str) -> Optional[str]:
+        """A key of the original's ``ConvNextHFWrapper`` (``convnext_model.*``) -> timm's, None for other kinds."""
+        if not rest.startswith('convnext_model.'):
+            return None
+        return hf_convnext_key(rest[len('convnext_model.'):])
+
+
+_HF_BLOCK_PARTS = {
+    'dwconv': 'conv_dw',
+    'layernorm': 'norm',
+    'pwconv1': 'mlp.fc1',
+    'pwconv2': 'mlp.fc2',
+}
+_HF_FIXED = {
+    'embeddings.patch_embeddings.weight': 'stem.0.weight',
+    'embeddings.patch_embeddings.bias': 'stem.0.bias',
+    'embeddings.layernorm.weight': 'stem.1.weight',
+    'embeddings.layernorm.bias': 'stem.1.bias',
+    'layernorm.weight': 'head.norm.weight',
+    'layernorm.bias': 'head.norm.bias',
+}
+_HF_DOWNSAMPLE = re.compile(r'^encoder\.stages\.(\d+)\.downsampling_layer\.([01])\.(weight|bias)$')
+_HF_BLOCK = re.compile(r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.(?:(dwconv|layernorm|pwconv1|pwconv2)\.(weight|bias)'
+                       r'|(layer_scale_parameter))$')
+
+
+def hf_convnext_key(key: str) -> str:
+    """transformers ``ConvNextModel`` parameter name -> timm ``convnext_*`` name (ValueError for others)."""
+    if key in _HF_FIXED:
+        return _HF_FIXED[key]
+    if m := _HF_DOWNSAMPLE.match(key):
+        return f'stages.{m.group(1)}.downsample.{m.group(2)}.{m.group(3)}'
+    if m := _HF_BLOCK.match(key):
+        stage, block, part, param, layer_scale = m.groups()
+        if layer_scale:
+            return f'stages.{stage}.blocks.{block}.gamma'
+        return f'stages.{stage}.blocks.{block}.{_HF_BLOCK_PARTS[part]}.{param}'
+    raise ValueError(f'{key!r} is not a parameter of a transformers ConvNextModel.')
