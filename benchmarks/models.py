@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from piip_timm.layers import SimpleFeaturePyramid
-from piip_timm.piip import (ALL_LEVELS, PIIP, VARIANTS, BranchCfg, VariantCfg, build_branch, even_block_ranges,
-                            sbl_detector, tsb_detector, tsbl_detector)
+from piip_timm.piip import PIIP, BranchCfg, build_branch, even_block_ranges
+from piip_timm.variants import ALL_LEVELS, VARIANTS, VariantCfg, hybrid_detector, sbl_detector, tsb_detector, tsbl_detector
 from timm.layers import resample_abs_pos_embed
 
 

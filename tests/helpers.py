@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from timm.layers import DropPath
 
-from piip_timm.piip import PIIP, VARIANTS, even_block_ranges
+from piip_timm.piip import PIIP, even_block_ranges
+from piip_timm.variants import VARIANTS
 
 # Per-branch (embed_dim, num_heads) of the shrunken models, coarse to fine: GroupNorm(32) divides all.
 TINY_WIDTHS = ((96, 3), (64, 2), (32, 1), (32, 2))

@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from piip_timm.cli import main
-from piip_timm.piip import PRETRAINED
+from piip_timm.variants import PRETRAINED
 
 from test_examples import TINY_TSB
 

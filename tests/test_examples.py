@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_branches
-from piip_timm.piip import VARIANTS
+from piip_timm.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TSB = json.dumps(dict(branches=[asdict(b) for b in tiny_branches(VARIANTS['piip_tsb'].branches)],

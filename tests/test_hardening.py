@@ -259,7 +259,7 @@ def test_converter_leaves_nothing_behind_when_it_fails(tmp_path, capsys):
 
 
 def test_index_pointing_at_a_missing_shard_is_a_clear_error(tmp_path):
-    tag = piip_timm.piip.PRETRAINED['piip_lh6b']['branches']
+    tag = piip_timm.variants.PRETRAINED['piip_lh6b']['branches']
     branches = pretrained_tiny_branches(tag.arch.branches)
     files = internvit_repo_files(internvit_hf_weights(branches[0], seed=0))
     root = tmp_path / 'hub'

@@ -60,7 +60,7 @@ def test_h6b_features_only_is_the_original_mask_rcnn_backbone():
 
 def test_readme_lists_every_pretrained_tag():
     from pathlib import Path
-    from piip_timm.piip import PRETRAINED
+    from piip_timm.variants import PRETRAINED
     readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
     rows = {line.split('`')[1] for line in readme.splitlines() if line.startswith('| `piip_') and '.' in line.split('`')[1]}
     assert rows == {f'{v}.{t}' for v, tags in PRETRAINED.items() for t in tags}

@@ -19,7 +19,8 @@ import piip_timm
 from piip_timm.convert import convert_original_state_dict
 from piip_timm.hub import convert_internvit_hf_state_dict
 from piip_timm.original import translate_original_config
-from piip_timm.piip import PIIP, PRETRAINED, PIIP_REPO, InteractionCfg
+from piip_timm.piip import PIIP, InteractionCfg
+from piip_timm.variants import PRETRAINED, PIIP_REPO
 
 from conftest import REFERENCE_DIR, load_case
 from fixtures import (INTERNVIT_REPO, branch_dicts, internvit_hf_weights, internvit_repo_files,

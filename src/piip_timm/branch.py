@@ -13,10 +13,18 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['PIIPBranch', 'BlockRanges', 'Grid']
+__all__ = ['PIIPBranch', 'BlockRanges', 'Grid', 'even_block_ranges']
 
 BlockRanges = Tuple[Tuple[int, int], ...]
 Grid = Tuple[int, int]
+
+
+def even_block_ranges(depth: int, num_interactions: int) -> BlockRanges:
+    """Inclusive block ranges that split ``depth`` blocks evenly over the interactions."""
+    if depth % num_interactions:
+        raise ValueError(f'depth {depth} is not a multiple of {num_interactions} interactions.')
+    step = depth // num_interactions
+    return tuple((i * step, (i + 1) * step - 1) for i in range(num_interactions))
 
 
 class PIIPBranch(nn.Module):
@@ -42,9 +50,9 @@ class PIIPBranch(nn.Module):
         return len(self.layer_widths)
 
     @property
-    def embed_width(self) -> int:
-        """Channels of the embedded tokens, before the first counted layer."""
-        raise NotImplementedError
+    def prefix_count(self) -> int:
+        """Tokens carried through the layers before the patch tokens (a class token)."""
+        return 0
 
     @property
     def max_stride(self) -> int:
@@ -85,6 +93,10 @@ class PIIPBranch(nn.Module):
         (its tokens after the embedding, the largest transient of one layer)."""
         raise NotImplementedError
 
+    def keep_layers(self, count: int) -> None:
+        """Drop the counted layers after the first ``count`` (pruning for intermediate features)."""
+        raise NotImplementedError
+
     def from_pretrained_weights(self, source: Dict[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
         """Weights of the single pretrained model (timm keys) -> this branch's state dict, the way the
         original initialised its branches; parts of the single model a branch has no use for are dropped."""
@@ -94,3 +106,9 @@ class PIIPBranch(nn.Module):
         """A PIIP checkpoint's tensors for this branch (keys under ``prefix``) made to fit it (e.g. a
         position embedding of another grid); the default keeps them as they are."""
         return state
+
+    @staticmethod
+    def original_key(rest: str) -> Optional[str]:
+        """A key of this kind of branch in the original code's layout (after ``branchK.``) -> this
+        package's, or None when the key belongs to another kind of branch."""
+        raise NotImplementedError

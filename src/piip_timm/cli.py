@@ -7,7 +7,7 @@ __all__ = ['main']
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .piip import PRETRAINED
+    from .variants import PRETRAINED
     print(f'{"model.tag":44} {"resolution (coarse→fine)":26} weights')
     for variant, tags in PRETRAINED.items():
         for i, (name, tag) in enumerate(tags.items()):
@@ -46,10 +46,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f'{args.model}: {len(model.branches)} branches, head {model.head_style}, merge {model.merge_style}, '
           f'{len(model.interactions)} interactions; input {size}x{size}')
     for i, (cfg, branch) in enumerate(zip(model.branch_cfgs, model.branches)):
-        windows = sorted({w for w in cfg.block_windows() if w}) or ['global']
         params = sum(p.numel() for p in branch.parameters()) / 1e6
-        print(f'  branch {i}: {cfg.img_size:>5} px  width {cfg.embed_dim:>4}  depth {cfg.depth:>2}  '
-              f'heads {cfg.num_heads:>2}  attention {windows}  {params:8.2f} M')
+        print(f'  branch {i}: {cfg.img_size:>5} px  {cfg.summary()}  {params:8.2f} M')
     total = sum(p.numel() for p in model.parameters()) / 1e6
     interactions = sum(p.numel() for p in model.interactions.parameters()) / 1e6
     macs = count_macs(model, (3, size, size), device=torch.device('meta'))

@@ -1,4 +1,5 @@
-"""State-dict conversion from the original PIIP code's layout to this package's.
+"""State-dict conversion: the original PIIP code's layout to this package's, and the filter function
+that turns any PIIP checkpoint into a complete state dict for a model.
 
 The original names branches ``branch1..branch4`` and interaction units
 ``interaction_units_12/23/34``; this package has ``branches.{i}`` (timm ViT keys),
@@ -15,8 +16,11 @@ from typing import Any, Dict, Mapping, MutableMapping, Optional
 import torch
 
 from .convnext_branch import ConvNeXtBranch
+from .vit_branch import ViTBranch
+from .weights import complete_state_dict
 
-__all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout', 'to_package_layout']
+__all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout', 'to_package_layout',
+           'checkpoint_filter_fn', 'adapt_branch_weights']
 
 _BRANCH = re.compile(r'^branch(\d)\.(.+)$')
 _UNIT = re.compile(r'^interactions\.(\d+)\.interaction_units_(\d)(\d)\.(.+)$')
@@ -90,14 +94,12 @@ def to_package_layout(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def _branch_key(index: int, rest: str) -> str:
-    convnext = ConvNeXtBranch.original_key(rest)
-    if convnext is not None:
-        return f'branches.{index}.{convnext}'
-    rest = re.sub(r'^blocks\.(\d+)\.gamma_1$', r'blocks.\1.ls1.gamma', rest)
-    rest = re.sub(r'^blocks\.(\d+)\.gamma_2$', r'blocks.\1.ls2.gamma', rest)
-    if rest.startswith('head.'):
+    if rest.startswith('head.'):  # a ViT branch's classifier: one of the separate heads
         return f'head.{index}.{rest[len("head."):]}'
-    return f'branches.{index}.{rest}'
+    for kind in (ConvNeXtBranch, ViTBranch):  # each kind knows its original names; ViTs take the rest
+        key = kind.original_key(rest)
+        if key is not None:
+            return f'branches.{index}.{key}'
 
 
 def _unit_key(step: str, coarse: int, fine: int, rest: str) -> str:
@@ -167,3 +169,53 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
             raise ValueError(f'branch weights of {name} are incomplete: found w{sorted(scalars)}.')
         out[name] = torch.stack([scalars[i].reshape(()) for i in sorted(scalars)])
     return dict(out)
+
+
+# --------------------------------------------------------------------------- filter function
+# Groups of keys a checkpoint may lack as a whole (they are then freshly initialised) or carry
+# as a whole when the model lacks them (they are then dropped). Anything else must match exactly.
+_OPTIONAL_GROUPS = {
+    'classifier': lambda k: k.startswith(('head.', 'norm.')),
+    'merge': lambda k: k.startswith('merges.') or k == 'branch_weights',
+    'intermediate merges': lambda k: k.startswith('out_merges.'),
+    'pyramid': lambda k: k.startswith('pyramid.'),
+    # The final norm of a ConvNeXt checkpoint (the original keeps transformers' unused one).
+    'ConvNeXt final norms': lambda k: re.match(r'^branches\.\d+\.head\.norm\.', k) is not None,
+}
+_BRANCH_ONLY_FRESH = {'interactions': lambda k: k.startswith('interactions.')}
+
+
+def _is_branch_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Branch weights assembled from single-model repositories: no interaction has been trained."""
+    return not any(k.startswith('interactions.') for k in state_dict)
+
+
+def adapt_branch_weights(state_dict: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
+    """Single-model weights under ``branches.{i}.`` -> what each PIIP branch needs (each branch kind's
+    ``from_pretrained_weights``); with separate heads, a ViT's own classifier seeds its branch's head."""
+    out = {k: v for k, v in state_dict.items() if not k.startswith('branches.')}
+    for i, branch in enumerate(model.branches):
+        prefix = f'branches.{i}.'
+        source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not source:
+            raise ValueError(f'the checkpoint has no weights for branch {i}.')
+        if model.head_style == 'separate':
+            for name in ('weight', 'bias'):
+                if f'head.{name}' in source:
+                    out[f'head.{i}.{name}'] = source.pop(f'head.{name}')
+        out.update({prefix + k: v for k, v in branch.from_pretrained_weights(source, i).items()})
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model) -> Dict[str, torch.Tensor]:
+    """Any PIIP checkpoint (this package's layout, the original's, or assembled branch weights) ->
+    a complete state dict for ``model``."""
+    state_dict = to_package_layout(state_dict)
+    groups = dict(_OPTIONAL_GROUPS)
+    if _is_branch_checkpoint(state_dict):
+        state_dict = adapt_branch_weights(state_dict, model)
+        groups.update(_BRANCH_ONLY_FRESH)
+    else:
+        for i, branch in enumerate(model.branches):
+            state_dict = branch.adapt_checkpoint(state_dict, f'branches.{i}.')
+    return complete_state_dict(state_dict, model, groups)

@@ -8,10 +8,11 @@ names are timm's ``convnext_*`` names, so timm's ``convnext_*.fb_in1k`` weights 
 original's checkpoints (transformers ``ConvNextModel`` names) are converted by ``original_key``.
 """
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
+from timm.layers.activations import GELU as TimmGELU
 from timm.models.convnext import ConvNeXt
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -42,9 +43,11 @@ class ConvNeXtBranchCfg:
     dims: Tuple[int, ...]
     depths: Tuple[int, ...]
     block_ranges: BlockRanges
-    ls_init_value: float = 1e-6
+    ls_init_value: Optional[float] = 1e-6  # None: no layer scale
     drop_path_rate: float = 0.0
+    conv_mlp: bool = False  # timm's 1x1-conv MLP blocks (convnext_atto..nano); the real T/S/B use Linears
     head_norm: bool = False
+    kind: Literal['convnext'] = 'convnext'  # the branch kind, for configs stored as dicts
 
     def __post_init__(self):
         if len(self.dims) != len(self.depths):
@@ -53,6 +56,38 @@ class ConvNeXtBranchCfg:
     @property
     def num_layers(self) -> int:
         return sum(self.depths) + len(self.depths) - 1
+
+    @property
+    def final_width(self) -> int:
+        return self.dims[-1]
+
+    @property
+    def min_img_size(self) -> int:
+        return 4 * 2 ** (len(self.depths) - 1)
+
+    first_conv = 'stem.0'
+
+    def summary(self) -> str:
+        return f'ConvNeXt widths {list(self.dims)}  depths {list(self.depths)}'
+
+    @classmethod
+    def from_timm(cls, model: ConvNeXt, img_size: int, block_ranges: BlockRanges) -> 'ConvNeXtBranchCfg':
+        """The branch of a timm ConvNeXt (built, e.g. on the meta device): its stages and block style."""
+        block = model.stages[0].blocks[0]
+        unsupported = [what for what, present in (
+            ('a stem other than the 4x4 patch conv', not (isinstance(model.stem[0], nn.Conv2d)
+                                                         and model.stem[0].stride == (4, 4) and len(model.stem) == 2)),
+            ('depthwise kernels other than 7x7', any(s.blocks[0].conv_dw.kernel_size != (7, 7)
+                                                     for s in model.stages if len(s.blocks))),
+            ('GRN (ConvNeXt-V2) blocks', hasattr(block.mlp, 'grn')),
+            ('an activation other than GELU', not isinstance(block.mlp.act, (nn.GELU, TimmGELU))),
+        ) if present]
+        if unsupported:
+            raise ValueError(f'this ConvNeXt has {", ".join(unsupported)}, which a PIIP ConvNeXt branch does not support.')
+        return cls(
+            img_size=img_size, dims=tuple(info['num_chs'] for info in model.feature_info),
+            depths=tuple(len(s.blocks) for s in model.stages), block_ranges=tuple(block_ranges),
+            ls_init_value=1e-6 if block.gamma is not None else None, conv_mlp=block.use_conv_mlp)
 
     def build(self, in_chans: int = 3, final_norm: bool = False, device=None, dtype=None) -> 'ConvNeXtBranch':
         if final_norm:
@@ -81,10 +116,12 @@ class ConvNeXtBranch(PIIPBranch, ConvNeXt):
     def __init__(self, cfg: ConvNeXtBranchCfg, in_chans: int = 3, device=None, dtype=None) -> None:
         super().__init__(
             in_chans=in_chans, num_classes=0, global_pool='', depths=tuple(cfg.depths), dims=tuple(cfg.dims),
-            ls_init_value=cfg.ls_init_value, drop_path_rate=cfg.drop_path_rate, device=device, dtype=dtype)
+            ls_init_value=cfg.ls_init_value, drop_path_rate=cfg.drop_path_rate, conv_mlp=cfg.conv_mlp,
+            device=device, dtype=dtype)
         self.cfg = cfg
         if not cfg.head_norm:
             self.head = nn.Identity()
+        self.norm = nn.Identity()  # a ConvNeXt branch hands on its tokens without a final norm
         self._layers = _counted_layers(cfg.depths)
         self._widths = tuple(cfg.dims[stage] for stage, _ in self._layers)
         self._strides = convnext_layer_strides(cfg.depths)
@@ -96,10 +133,6 @@ class ConvNeXtBranch(PIIPBranch, ConvNeXt):
     @property
     def layer_strides(self) -> Tuple[int, ...]:
         return self._strides
-
-    @property
-    def embed_width(self) -> int:
-        return self.cfg.dims[0]
 
     def layer(self, index: int) -> nn.Module:
         stage, block = self._layers[index]
@@ -130,6 +163,17 @@ class ConvNeXtBranch(PIIPBranch, ConvNeXt):
     def activation_elements(self, height: int, width: int) -> Tuple[int, int]:
         tokens = (height // 4) * (width // 4) * self.cfg.dims[0]
         return tokens, 2 * 4 * tokens  # the first stage's MLP holds 4x the tokens, before and after GELU
+
+    def keep_layers(self, count: int) -> None:
+        """Drop the layers after the first ``count`` (pruning for intermediate features)."""
+        kept = self._layers[:count]
+        last_stage = kept[-1][0]
+        for stage in range(last_stage + 1):
+            blocks = [b for s, b in kept if s == stage and b is not None]
+            self.stages[stage].blocks = self.stages[stage].blocks[:len(blocks)]
+        self.stages = self.stages[:last_stage + 1]
+        self._layers, self._widths, self._strides = kept, self._widths[:count], self._strides[:count]
+        self.cfg = replace(self.cfg, block_ranges=tuple(r for r in self.cfg.block_ranges if r[1] < count))
 
     def from_pretrained_weights(self, source: Dict[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
         own = self.state_dict()

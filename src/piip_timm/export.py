@@ -9,19 +9,20 @@ from torch import nn
 
 from .config_file import read_backbone_config
 from .original import from_original, translate_original_config
-from .piip import PIIP, _cfg, VariantCfg, entry_point_name, model_args
+from .piip import PIIP
+from .variants import _cfg, VariantCfg, entry_point_name, model_args
 
 __all__ = ['convert_checkpoint']
 
 
 def _pretrained_cfg(model: PIIP, returned_levels: Any) -> dict:
     arch = VariantCfg(branches=model.branch_cfgs, interaction=model.interaction_cfg, head=model.head_style or 'merged',
-                      merge=model.merge_style)
+                      merge=model.merge_style, out_interactions=model.out_interactions)
     cfg = _cfg(arch, architecture=entry_point_name(model), num_classes=model.num_classes)
     if model.head_style is None:
         cfg.update(classifier=None)
     if returned_levels is not None:
-        names = [model.pyramid.level_names[i] for i in returned_levels]
+        names = [model.feature_info[i]['module'] for i in returned_levels]
         cfg['notes'] = (f'converted from an original PIIP detector; it returned the pyramid levels {names} '
                         f'(features_only=True, out_indices={list(returned_levels)})')
     else:

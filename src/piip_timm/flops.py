@@ -8,6 +8,11 @@ interpolation count nothing), plus terms added by hand: self-attention ``2 (hw)^
 (``2 hw w^2 C`` with windows of side w) and deformable attention ``5 hw K C`` per injector, on
 the nominal grids (image size // 16) with the query branch's width and K = 4 points.
 
+ConvNeXt branches are counted as ``mmdetection/get_flops_det.py`` counted them (the ConvNeXt rows):
+their convolutions and Linears only (transformers' ``ConvNextLayerNorm`` is not an ``nn.LayerNorm``,
+so mmcv skipped every ConvNeXt norm), no attention term, and the deformable terms of an interaction
+on the grid (image size // stride) and at the width its branch has at that interaction.
+
 ``count_macs`` reproduces that convention on this package's models and also reports what the
 convention leaves out: the deformable sampling as it actually runs (4 bilinear corners + 1
 weight per point, per value channel) and the attention products on the actual token grids.
@@ -18,7 +23,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .layers import Attention, ConvMerge, DeformableCrossAttention
+from timm.models.convnext import ConvNeXt
+
+from .layers import Attention, ConvMerge, DeformableCrossAttention, SingleConvMerge
 
 __all__ = ['MacCount', 'count_macs']
 
@@ -59,7 +66,15 @@ def _module_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output) ->
         return x.numel() * (module.sampling_offsets.out_features + module.attention_weights.out_features)
     if isinstance(module, ConvMerge):  # its ReLUs are functional; mmcv counted the original's nn.ReLU modules
         return 2 * output.numel()
+    if isinstance(module, SingleConvMerge):
+        return output.numel()
     return 0
+
+
+def _uncounted_norms(model: nn.Module) -> set:
+    """The norms of ConvNeXt models (transformers' ConvNextLayerNorm, which mmcv did not count)."""
+    return {id(m) for convnext in model.modules() if isinstance(convnext, ConvNeXt)
+            for m in convnext.modules() if isinstance(m, nn.LayerNorm)}
 
 
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int], device: Optional[torch.device] = None) -> MacCount:
@@ -68,9 +83,11 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int], device: Optio
     piip = model.model if hasattr(model, 'model') and isinstance(model.model, PIIP) else model
     counts = {'modules': 0, 'sampling': 0}
     handles = []
+    skipped = _uncounted_norms(model)
 
     def hook(module, inputs, output):
-        counts['modules'] += _module_macs(module, inputs, output)
+        if id(module) not in skipped:
+            counts['modules'] += _module_macs(module, inputs, output)
 
     def sampling_hook(module, inputs, output):
         query = inputs[0]
@@ -97,17 +114,20 @@ def _block_attention(grid: int, dim: int, window: Optional[int]) -> int:
 
 
 def _paper_terms(model) -> Tuple[int, int]:
-    """get_flops.py's hand-added terms, on the nominal grids img_size // 16."""
+    """get_flops.py's hand-added terms: ViT self-attention on the nominal grids img_size // 16, deformable
+    attention on each interaction's nominal grids img_size // stride at the widths of that interaction."""
     attention = 0
-    for cfg in model.branch_cfgs:
-        grid = cfg.img_size // 16
-        attention += sum(_block_attention(grid, cfg.embed_dim, w) for w in cfg.block_windows())
+    for branch in model.branches:
+        if not isinstance(branch, ConvNeXt):
+            cfg = branch.cfg
+            grid = cfg.img_size // 16
+            attention += sum(_block_attention(grid, cfg.embed_dim, w) for w in cfg.block_windows())
     deformable = 0
-    for _ in model.interactions:
-        for coarse, fine in zip(model.branch_cfgs[:-1], model.branch_cfgs[1:]):
-            for cfg in (fine, coarse):
-                grid = cfg.img_size // 16
-                deformable += 5 * grid * grid * 4 * cfg.embed_dim
+    for step in range(len(model.interactions)):
+        for coarse, fine in zip(model.branches[:-1], model.branches[1:]):
+            for branch in (fine, coarse):
+                grid = branch.cfg.img_size // branch.range_stride(step)
+                deformable += 5 * grid * grid * 4 * branch.range_width(step)
     return attention, deformable
 
 

@@ -2,10 +2,14 @@
 from typing import Callable, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .token_map import resize_to_grid, token_map
+
 __all__ = ['BranchMerge', 'merge_branch_maps']
+
+torch.fx.wrap('token_map')
+torch.fx.wrap('resize_to_grid')
 
 
 def merge_branch_maps(
@@ -18,13 +22,9 @@ def merge_branch_maps(
 
     Maps on other grids are resized bilinearly (align_corners=False), as the original does.
     """
-    target = tuple(grids[-1])
     out = None
     for i, (merge, t, hw) in enumerate(zip(merges, tokens, grids)):
-        fmap = merge(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], hw[0], hw[1]))
-        if tuple(hw) != target:
-            fmap = F.interpolate(fmap, size=target, mode='bilinear', align_corners=False)
-        fmap = fmap * weights[i]
+        fmap = resize_to_grid(merge(token_map(t, hw)), grids[-1]) * weights[i]
         out = fmap if out is None else out + fmap
     return out
 
