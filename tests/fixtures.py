@@ -16,6 +16,7 @@ import timm
 import torch
 from safetensors.torch import save as save_safetensors
 
+from piip_timm.convnext_branch import ConvNeXtBranchCfg
 from piip_timm.piip import BranchCfg
 
 INTERNVIT_REPO = 'OpenGVLab/InternViT-6B-224px'
@@ -26,11 +27,14 @@ def random_like(state: Dict[str, torch.Tensor], seed: int) -> Dict[str, torch.Te
     return {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in state.items()}
 
 
-def timm_branch_weights(timm_name: str, cfg: BranchCfg, seed: int) -> Dict[str, torch.Tensor]:
+def timm_branch_weights(timm_name: str, cfg, seed: int) -> Dict[str, torch.Tensor]:
     """A tiny twin of a timm pretrained model's weights (timm keys, the real model's flags and grid)."""
     arch = timm_name.split('.')[0]
-    model = timm.create_model(arch, pretrained=False, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                              num_heads=cfg.num_heads)
+    if isinstance(cfg, ConvNeXtBranchCfg):
+        model = timm.create_model(arch, pretrained=False, dims=cfg.dims, depths=cfg.depths)
+    else:
+        model = timm.create_model(arch, pretrained=False, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                                  num_heads=cfg.num_heads)
     return random_like(model.state_dict(), seed)
 
 
@@ -102,12 +106,24 @@ def branch_dicts(branches: List[BranchCfg]) -> List[dict]:
 TINY_WIDTH = {3200: 128, 1280: 96, 1024: 96, 768: 64, 384: 32, 192: 32}
 
 
+# Tiny ConvNeXt stages by the real ones: (dims, depths) of T, S and B twins (widths fit GroupNorm(32)).
+TINY_CONVNEXT = {((96, 192, 384, 768), (3, 3, 9, 3)): ((32, 32, 32, 32), (2, 1, 2, 1)),
+                 ((96, 192, 384, 768), (3, 3, 27, 3)): ((32, 32, 32, 32), (2, 1, 3, 1)),
+                 ((128, 256, 512, 1024), (3, 3, 27, 3)): ((32, 32, 64, 64), (2, 1, 3, 1))}
+
+
 def pretrained_tiny_branches(branches: List[BranchCfg], interactions: int = 2) -> List[BranchCfg]:
     """Tiny twins of a tag's branches whose shapes depend only on the pretrained model of each branch."""
     from dataclasses import replace
+    from piip_timm.builder import spread_layers
     from piip_timm.piip import even_block_ranges
     out = []
     for i, b in enumerate(branches):
+        if isinstance(b, ConvNeXtBranchCfg):
+            dims, depths = TINY_CONVNEXT[(tuple(b.dims), tuple(b.depths))]
+            tiny = replace(b, dims=dims, depths=depths, img_size=64 * (i + 2))
+            out.append(replace(tiny, block_ranges=spread_layers(tiny.num_layers, interactions)))
+            continue
         dim = TINY_WIDTH[b.embed_dim]
         per_step = 1 if all(s == e for s, e in b.block_ranges) else 2
         depth = per_step * interactions

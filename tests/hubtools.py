@@ -138,7 +138,9 @@ def run_python(code: str, endpoint: str, hf_home: Path, extra_env: Optional[Dict
         if key.startswith('HF_') or key.startswith('HUGGINGFACE'):
             del env[key]
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY='1',
-               HF_HUB_DISABLE_PROGRESS_BARS='1', PYTHONPATH=str(ROOT / 'tests'))
+               HF_HUB_DISABLE_PROGRESS_BARS='1',
+               # this checkout's package first, whatever copy an editable install points at
+               PYTHONPATH=os.pathsep.join([str(ROOT / 'src'), str(ROOT / 'tests')]))
     env.update(extra_env or {})
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=timeout)
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import piip_timm
 from piip_timm.convert import convert_original_state_dict
+from piip_timm.convnext_branch import ConvNeXtBranchCfg
 from piip_timm.hub import convert_internvit_hf_state_dict
 from piip_timm.original import translate_original_config
 from piip_timm.piip import PIIP, InteractionCfg
@@ -29,11 +30,13 @@ from fixtures import (INTERNVIT_REPO, branch_dicts, internvit_hf_weights, intern
 from hubtools import HungServer, LocalHub, dead_endpoint, run_python
 
 TINY_INTERACTION = dict(num_heads=4)
-# Reference cases (run through the original code) that stand in for each released file's weights.
+# Reference cases (run through the original code) that stand in for each released file's weights
+# (paths below the reference folder).
 CASE_FOR_FILE = {
-    'classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth': 'cls3_sephead',
-    'classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth': 'cls3_augreg',
-    'classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth': 'cls3_augreg',
+    'classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth': 'cases/cls3_sephead',
+    'classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth': 'cases/cls3_augreg',
+    'classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth': 'cases/cls3_augreg',
+    'detection/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.pth': 'convnext/cases/det3_cnn_ctcscb',
 }
 RELEASED = [(v, t, tag) for v, tags in PRETRAINED.items() for t, tag in tags.items() if tag.file]
 BRANCH_TAGS = [(v, t, tag) for v, tags in PRETRAINED.items() for t, tag in tags.items() if tag.branch_sources]
@@ -43,9 +46,9 @@ def case_for(tag) -> str:
     if tag.file in CASE_FOR_FILE:
         return CASE_FOR_FILE[tag.file]
     if '_tsbl_' in tag.file:
-        return 'det4'
+        return 'cases/det4'
     if '_tsb_' in tag.file or '_sbl_' in tag.file:
-        return 'det3'
+        return 'cases/det3'
     return ''  # H6B: no reference case; a tiny twin in the original layout
 
 
@@ -71,7 +74,7 @@ def hub(tmp_path_factory):
     for variant, name, tag in RELEASED:
         case = case_for(tag)
         if case:
-            _, state, _, _ = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')
+            _, state, _, _ = load_case(REFERENCE_DIR / f'{case}.json')
         else:
             _, _, state = h6b_twin()
         data = released_classifier_file(state) if tag.is_classifier else released_detector_file(state)
@@ -129,17 +132,20 @@ def released_results(hub, tmp_path_factory):
         case = case_for(tag)
         job = dict(name=f'{variant}.{name}', out=str(work / f'{variant}.{name}.safetensors'))
         if case:
-            config, _, x, _ = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')
-            kwargs, returned = translate_original_config(config['constructor_kwargs'], config['task'])
+            config, _, x, _ = load_case(REFERENCE_DIR / f'{case}.json')
+            kwargs, returned = translate_original_config(config['constructor_kwargs'], config['task'],
+                                                         config.get('pretrained_configs'))
             kwargs['branches'] = branch_dicts(kwargs['branches'])
             kwargs['interaction'] = vars(kwargs['interaction'])
             if config['task'] == 'det':
                 kwargs = dict(branches=kwargs['branches'], interaction=kwargs['interaction'], head=None,
+                              merge=kwargs['merge'], out_interactions=kwargs.get('out_interactions'),
                               features_only=True, out_indices=returned)
             else:
                 kwargs['pretrained_cfg_overlay'] = dict(num_classes=kwargs['num_classes'])
-            torch.save(x, work / f'{case}.input.pt')
-            job['input'] = str(work / f'{case}.input.pt')
+            inputs = work / f'{case.replace("/", "_")}.input.pt'
+            torch.save(x, inputs)
+            job['input'] = str(inputs)
         else:
             branches, _, _ = h6b_twin()
             kwargs = dict(branches=branch_dicts(branches), interaction=tiny_interaction(tag), features_only=True)
@@ -158,7 +164,7 @@ def test_released_checkpoint_loads_through_timm_with_every_tensor_converted(rele
     state = {k[len('state.'):]: v for k, v in tensors.items() if k.startswith('state.')}
     case = case_for(tag)
     if case:
-        _, original, _, outputs = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')
+        _, original, _, outputs = load_case(REFERENCE_DIR / f'{case}.json')
     else:
         _, _, original = h6b_twin()
     expected = convert_original_state_dict(original)
@@ -205,6 +211,11 @@ def test_branch_weights_are_assembled_from_the_branch_repos(hub, branch_results,
         raw = sources[str(source)]
         weights = raw if source.timm_model else convert_internvit_hf_state_dict(raw)
         prefix = f'branches.{i}.'
+        if isinstance(cfg, ConvNeXtBranchCfg):  # timm's own names: every tensor but the classifier, bit-equal
+            assert {prefix + k for k in weights if not k.startswith('head.')} == {k for k in state if
+                                                                                    k.startswith(prefix)}
+            assert all(torch.equal(state[prefix + k], v) for k, v in weights.items() if not k.startswith('head.'))
+            continue
         for key, value in weights.items():
             if key.startswith('blocks.'):
                 assert torch.equal(state[prefix + key], value), prefix + key  # bit-equal block weights

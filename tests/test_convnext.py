@@ -1,0 +1,187 @@
+"""ConvNeXt and ViT-ConvNeXt hybrid PIIP (TPAMI 2025): the ConvNeXt branch, the seven registered
+detectors, their regular-FPN outputs, loading, and the builder from timm model names."""
+import json
+import re
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
+from timm.models.convnext import ConvNeXt
+from timm.optim import param_groups_layer_decay
+
+import piip_timm
+from piip_timm.convert import checkpoint_filter_fn, convert_original_state_dict
+from piip_timm.convnext_branch import ConvNeXtBranch, ConvNeXtBranchCfg
+from piip_timm.original import translate_original_config
+from piip_timm.variants import HYBRID_NAMES, VARIANTS, model_args
+
+from conftest import REFERENCE_DIR, load_case
+from fixtures import branch_dicts
+from helpers import disable_drop_path, perturb
+
+CASES = REFERENCE_DIR / 'convnext' / 'cases'
+MANIFESTS = REFERENCE_DIR / 'convnext' / 'manifests'
+
+
+def manifest(name: str) -> dict:
+    return json.loads((MANIFESTS / f'det_convnext_{name}_1024_672_448.json').read_text())
+
+
+def case_model_kwargs(case_name: str) -> dict:
+    """create_model kwargs for a reference case's architecture (its branches, interactions and outputs)."""
+    case = load_case(CASES / f'{case_name}.json')[0]
+    kwargs, _ = translate_original_config(case['constructor_kwargs'], 'det', case['pretrained_configs'])
+    # as the registered models build them: without the original's unused final ConvNeXt norms
+    branches = [replace(b, head_norm=False) if isinstance(b, ConvNeXtBranchCfg) else b for b in kwargs['branches']]
+    return dict(branches=branch_dicts(branches), interaction=vars(kwargs['interaction']),
+                out_interactions=kwargs['out_interactions'])
+
+
+def output_tolerance_ok(ours, ref) -> bool:
+    return (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+# --------------------------------------------------------------------------- the branch
+def test_branch_is_a_timm_convnext_run_layer_by_layer():
+    cfg = ConvNeXtBranchCfg(img_size=128, dims=(16, 16, 24, 32), depths=(1, 1, 3, 1),
+                            block_ranges=((0, 0), (1, 4), (5, 8)))
+    branch = perturb(ConvNeXtBranch(cfg)).eval()
+    reference = ConvNeXt(num_classes=0, depths=(1, 1, 3, 1), dims=(16, 16, 24, 32)).eval()
+    missing, unexpected = reference.load_state_dict(branch.state_dict(), strict=False)
+    assert unexpected == [] and set(missing) == {'head.norm.weight', 'head.norm.bias'}
+    # counted layers: stage-0 block, then per stage its downsampling layer and blocks
+    assert branch.num_layers == 9
+    assert branch.layer_strides == (4, 8, 8, 16, 16, 16, 16, 32, 32)
+    assert branch.layer_widths == (16, 16, 16, 24, 24, 24, 24, 32, 32)
+    x = torch.randn(2, 3, 130, 100)
+    with torch.no_grad():
+        stages = reference.forward_intermediates(x, intermediates_only=True)
+        tokens, prefix, hw = branch.embed(x)
+        maps = []
+        for start, end in cfg.block_ranges:  # (1, 4) crosses stage 1 and ends inside stage 2
+            tokens, prefix, hw = branch.forward_layers(start, end, tokens, prefix, hw)
+            maps.append(tokens.transpose(1, 2).reshape(2, -1, *hw))
+    assert prefix is None and tokens.is_contiguous()
+    assert torch.allclose(maps[0], stages[0], atol=1e-5)
+    assert maps[1].shape == (2, 24, 130 // 16, 100 // 16)
+    assert torch.allclose(maps[2], stages[3], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the seven detectors
+def _without_unused_norms(keys):
+    """The original keeps transformers' final ConvNeXt LayerNorm, which its forward never runs; the
+    registered models leave it out (its tensors are dropped on load)."""
+    return {k: v for k, v in keys.items() if not re.match(r'branches\.\d+\.head\.norm\.', k)}
+
+
+@pytest.mark.parametrize('name', HYBRID_NAMES)
+def test_registered_detectors_are_the_original_configurations(name):
+    m = manifest(name)
+    with torch.device('meta'):
+        dense = timm.create_model(f'piip_{name}', features_only=True)
+    converted = convert_original_state_dict({k: torch.empty(v, device='meta') for k, v in m['keys'].items()})
+    expected = _without_unused_norms({k: list(v.shape) for k, v in converted.items()})
+    assert {k: list(v.shape) for k, v in dense.model.state_dict().items()} == expected
+    assert sum(p.numel() for p in dense.parameters()) == sum(map(lambda s: torch.Size(s).numel(), expected.values()))
+    for branch, widths in zip(dense.model.branches, m['counted_layer_widths'].values()):
+        assert list(branch.layer_widths) == widths
+    # the variant table holds the original config's branches (the original's windows as one size per block)
+    original, _ = translate_original_config(m['constructor_kwargs'], 'det', m['pretrained_configs'])
+    normalise = lambda b: replace(b, head_norm=False) if isinstance(b, ConvNeXtBranchCfg) else \
+        replace(b, window_size=b.block_windows())
+    assert [normalise(b) for b in VARIANTS[f'piip_{name}'].branches] == [normalise(b) for b in original['branches']]
+    assert VARIANTS[f'piip_{name}'].interaction == original['interaction']
+    assert VARIANTS[f'piip_{name}'].out_interactions == original['out_interactions']
+    assert dense.feature_info.reduction() == [4, 8, 16, 32]
+    branch1 = m['counted_layer_widths']['branch1']
+    ends = [r[1] for r in original['branches'][0].block_ranges]
+    assert dense.feature_info.channels() == [branch1[ends[i]] for i in (0, 1, 10)] + [branch1[-1]]
+
+
+# --------------------------------------------------------------------------- function, on the cases' sizes
+@pytest.mark.parametrize('variant, case_name', [('piip_ct_cs_cb', 'det3_cnn_ctcscb'), ('piip_vt_cs_cb', 'det3_hybrid_vtcscb')])
+def test_features_only_through_timm_reproduces_the_original(variant, case_name):
+    """The entry point with a case's branches gives the original's outputs, and feature_info says what they are."""
+    case, state, x, expected = load_case(CASES / f'{case_name}.json')
+    model = timm.create_model(variant, features_only=True, **case_model_kwargs(case_name)).eval()
+    # the registered models leave the unused final ConvNeXt norms out: the filter drops them
+    model.model.load_state_dict(checkpoint_filter_fn(state, model.model), strict=True)
+    with torch.no_grad():
+        outs = model(x)
+        intermediates = model.model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert [list(o.shape) for o in outs] == case['output_shapes']
+    assert all(output_tolerance_ok(o, ref) for o, ref in zip(outs, expected))
+    assert model.feature_info.reduction() == case['output_strides_wrt_input']
+    assert model.feature_info.channels() == [s[1] for s in case['output_shapes']]
+    assert torch.equal(intermediates[0], outs[1]) and torch.equal(intermediates[1], outs[3])
+
+
+def test_every_parameter_learns_and_checkpointing_changes_nothing():
+    model = timm.create_model('piip_ct_vs_vb', features_only=True, **case_model_kwargs('det3_hybrid_ctvsvb'))
+    disable_drop_path(perturb(model.model)).train()
+    x = torch.randn(1, 3, 148, 160)
+    grads = []
+    for checkpointing in (False, True):
+        model.model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        outs = model(x)
+        sum(o.square().mean() for o in outs).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == {n for n, _ in model.named_parameters()}
+    assert all(grads[0][n].abs().sum() > 0 for n in grads[0]), 'a parameter got a zero gradient'
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7) for n in grads[0])
+
+
+def test_hybrid_classifier_and_layer_decay_groups():
+    kwargs = case_model_kwargs('det3_hybrid_vtcscb')
+    kwargs.pop('out_interactions')
+    model = timm.create_model('piip_vt_cs_cb', num_classes=5, **kwargs).eval()
+    assert model.head_style == 'merged' and model.out_merges is None  # no dense outputs without features_only
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 168, 192)).shape == (1, 5)
+    layer_id = model.group_matcher()
+    ranges = model.branch_cfgs[0].block_ranges  # ConvNeXt-B-like: ((0, 0), (1, 2), (3, 4), (5, 5), (6, 7))
+    assert ranges == ((0, 0), (1, 2), (3, 4), (5, 5), (6, 7))
+    # counted layers: 0 stage-0 block, 1 stage-1 downsampling, 2 its block, 3 stage-2 downsampling, 4-5 its
+    # blocks, 6 stage-3 downsampling, 7 its block; interaction k's layers get id k + 1
+    assert layer_id('branches.0.stem.0.weight') == 0
+    assert layer_id('branches.0.stages.2.downsample.1.weight') == 3
+    assert layer_id('branches.0.stages.3.downsample.0.weight') == 5
+    assert layer_id('branches.0.stages.2.blocks.1.mlp.fc1.weight') == 4
+    assert layer_id('branches.2.blocks.4.attn.qkv.weight') == 5
+    assert layer_id('head.weight') == 6
+    groups = param_groups_layer_decay(model, layer_decay=0.8)
+    assert {len(g['params']) > 0 for g in groups} == {True}
+
+
+def test_rebuilds_from_its_model_args_and_loads_the_original_layout_strictly():
+    case, state, x, expected = load_case(CASES / 'det3_hybrid_ctvsvb.json')
+    model = timm.create_model('piip_ct_vs_vb', features_only=True, **case_model_kwargs('det3_hybrid_ctvsvb')).model
+    args = json.loads(json.dumps(model_args(model)))  # what a converted checkpoint's config.json stores
+    rebuilt = timm.create_model('piip_ct_vs_vb', features_only=True, **args).model
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    incomplete = dict(state)
+    del incomplete[next(k for k in incomplete if k.startswith('intermediate_merging_1_branch2'))]
+    with pytest.raises(ValueError, match='1 missing'):
+        checkpoint_filter_fn(incomplete, model)
+
+
+def test_clear_errors():
+    convnext = ConvNeXtBranchCfg(img_size=128, dims=(32, 32, 32, 32), depths=(1, 1, 1, 1), block_ranges=((0, 6),))
+    vit = replace(VARIANTS['piip_vt_cs_cb'].branches[-1], depth=1, block_ranges=((0, 0),), img_size=256)
+    with pytest.raises(ValueError, match='no per-branch classifier'):
+        piip_timm.PIIP([convnext, vit], head='separate')
+    model = piip_timm.PIIP([convnext, vit], head='merged', merge='single_conv', num_classes=3)
+    with pytest.raises(ValueError, match='too small.*32px stride'):
+        model(torch.randn(1, 3, 48, 48))  # the ConvNeXt sees 24 px, less than its last stride
+    with pytest.raises(ValueError, match='7 layers'):
+        piip_timm.PIIP([replace(convnext, block_ranges=((0, 7),)), vit], head='merged', merge='conv')
+    config = load_case(CASES / 'det3_cnn_ctcscb.json')[0]['constructor_kwargs']
+    with pytest.raises(ValueError, match='pretrained_configs'):
+        piip_timm.from_original(config, 'det')  # test/convnext-case-* are no real models
+    real = dict(config, branch1=dict(config['branch1'], pretrained='facebook/convnext-base-224'))
+    with pytest.raises(ValueError, match='downsample_ratios'):  # the case's ratios are for its small ConvNeXt
+        translate_original_config(real, 'det', load_case(CASES / 'det3_cnn_ctcscb.json')[0]['pretrained_configs'])
+    with pytest.raises(ValueError, match='windows'):
+        timm.create_model('piip_ct_cs_cb', window_size=(None, 14, None), pretrained=False, device='meta')
