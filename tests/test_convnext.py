@@ -185,3 +185,50 @@ def test_clear_errors():
         translate_original_config(real, 'det', load_case(CASES / 'det3_cnn_ctcscb.json')[0]['pretrained_configs'])
     with pytest.raises(ValueError, match='windows'):
         timm.create_model('piip_ct_cs_cb', window_size=(None, 14, None), pretrained=False, device='meta')
+
+
+# --------------------------------------------------------------------------- create_piip
+def test_create_piip_from_timm_names_builds_the_paper_configuration():
+    """The paper's VT-CS-VB from timm names: the same branches, interaction widths and outputs as the variant."""
+    names = ['deit3_base_patch16_224.fb_in22k_ft_in1k', 'convnext_small.fb_in1k', 'deit_tiny_patch16_224.fb_in1k']
+    built = piip_timm.create_piip(names, img_sizes=(448, 672, 1024), features_only=True, num_classes=0,
+                                  device='meta')
+    with torch.device('meta'):
+        variant = timm.create_model('piip_vt_cs_vb', features_only=True)
+    assert built.model.out_interactions == variant.model.out_interactions == (0, 1, 10)
+    assert built.feature_info.channels() == variant.feature_info.channels() == [768] * 4
+    assert built.feature_info.reduction() == [4, 8, 16, 32]
+    ours = {k: v.shape for k, v in built.model.state_dict().items()}
+    theirs = {k: v.shape for k, v in variant.model.state_dict().items()}
+    # timm's DeiT-T has no layer scale; the original gives its DeiT branches one, fixed at 1.0
+    assert set(theirs) - set(ours) == {k for k in theirs if re.match(r'branches\.2\.blocks\.\d+\.ls[12]\.gamma', k)}
+    assert all(ours[k] == theirs[k] for k in ours)
+    assert set(ours) <= set(theirs)
+
+
+def test_create_piip_runs_small_timm_models_and_derives_ranges_and_outputs():
+    names = ['deit_small_patch16_224', 'convnext_atto', 'deit_tiny_patch16_224']
+    shrink = [dict(embed_dim=64, depth=4, num_heads=2), dict(dims=(32, 32, 64, 64), depths=(2, 1, 2, 1)),
+              dict(embed_dim=32, depth=4, num_heads=2)]
+    interaction = piip_timm.InteractionCfg(num_heads=4)
+    dense = piip_timm.create_piip(names, (64, 96, 128), model_kwargs=shrink, interaction=interaction,
+                                  features_only=True).eval()
+    branches = dense.model.branches
+    assert [b.cfg.block_ranges for b in branches] == [((0, 0), (1, 1), (2, 2), (3, 3)),
+                                                      ((0, 1), (2, 3), (4, 5), (6, 8)),  # 9 layers, spread evenly
+                                                      ((0, 0), (1, 1), (2, 2), (3, 3))]
+    assert branches[1].cfg.conv_mlp  # convnext_atto's 1x1-conv MLPs, as timm builds it
+    # the ConvNeXt is at strides 4, 8, 16 after interactions 0, 1, 2: those merges are outputs
+    assert dense.model.out_interactions == (0, 1, 2)
+    with torch.no_grad():
+        outs = dense(torch.randn(1, 3, 128, 160))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 32, 40), (1, 64, 16, 20), (1, 64, 8, 10), (1, 64, 4, 5)]
+    classifier = piip_timm.create_piip(names, (64, 96, 128), model_kwargs=shrink, interaction=interaction,
+                                       num_classes=3).eval()
+    with torch.no_grad():
+        assert classifier(torch.randn(2, 3, 128, 128)).shape == (2, 3)
+    vits = piip_timm.create_piip(names[::2], (64, 128), model_kwargs=shrink[::2], interaction=interaction,
+                                 features_only=True)
+    assert vits.model.merge_style == 'conv' and vits.feature_info.reduction() == [4, 8, 16, 32]
+    with pytest.raises(ValueError, match='VisionTransformers or ConvNeXts'):
+        piip_timm.create_piip(['resnet18', 'deit_tiny_patch16_224'], (64, 128), device='meta')

@@ -412,3 +412,29 @@ def test_converter_output_loads_from_a_folder_and_from_the_hub(hub, tmp_path):
         tensors = load_file(str(tmp_path / f'{produced}.safetensors'))
         for i, ref in enumerate(outputs):
             assert (tensors[f'output.{i}'] - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_create_piip_loads_every_branch_through_timms_hub_loader(hub, tmp_path):
+    """create_piip(pretrained=True) fetches each named model's weights from its own repository."""
+    server, sources = hub
+    names = ['deit3_base_patch16_224.fb_in22k_ft_in1k', 'convnext_small.fb_in1k', 'deit_tiny_patch16_224.fb_in1k']
+    shapes = [dict(embed_dim=64, depth=2, num_heads=2), dict(dims=(32, 32, 32, 32), depths=(2, 1, 3, 1)),
+              dict(embed_dim=32, depth=2, num_heads=1)]  # the tiny twins the local Hub holds
+    out = tmp_path / 'built.safetensors'
+    code = textwrap.dedent(f'''
+        import piip_timm
+        from safetensors.torch import save_file
+        model = piip_timm.create_piip({names!r}, (64, 96, 128), pretrained=True, model_kwargs={shapes!r},
+                                      num_interactions=2, interaction=piip_timm.InteractionCfg(num_heads=4))
+        save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, {str(out)!r})
+    ''')
+    result = run_python(code, server.endpoint, tmp_path / 'home')
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_file(str(out))
+    for i, name in enumerate(names):
+        weights = sources[name]
+        for key, value in weights.items():
+            if key.startswith(('blocks.', 'stages.', 'stem.')):
+                assert torch.equal(state[f'branches.{i}.{key}'], value), key
+    gammas = [v for k, v in state.items() if k.startswith('interactions.') and k.endswith('_gamma')]
+    assert gammas and all(torch.count_nonzero(g) == 0 for g in gammas)

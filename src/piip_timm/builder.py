@@ -92,8 +92,8 @@ def create_piip(
         num_interactions: interactions, spread evenly over each branch's counted layers (ViT blocks; ConvNeXt
             blocks and downsampling layers); default: the fewest layers of any branch.
         block_ranges: per branch, the inclusive layer ranges run before each interaction (instead of spreading).
-        out_interactions: the interactions whose merges are dense outputs (models with a ConvNeXt); default:
-            the last ones at strides 4, 8 and 16 of the finest ConvNeXt.
+        out_interactions: with ``features_only``, the interactions whose merges are dense outputs (models with a
+            ConvNeXt); default: the last ones at strides 4, 8 and 16 of the finest ConvNeXt.
         interaction: interaction-unit hyper-parameters.
         model_kwargs: per branch, architecture arguments for ``timm.create_model`` (e.g. a smaller depth).
         features_only: the dense outputs at strides 4, 8, 16, 32 (``feature_info`` says which), timm style.
@@ -121,16 +121,15 @@ def create_piip(
         branches = [replace(b, window_size=window_size) if isinstance(b, BranchCfg) else b for b in branches]
     with torch.device('meta'):
         built = [b.build(device='meta') for b in branches]
-    if out_interactions is None:
-        out_interactions = regular_fpn_interactions(built)
-    regular = out_interactions is not None
+    regular = any(len(set(b.layer_strides)) > 1 for b in built)  # a ConvNeXt: the paper's regular-FPN outputs
     dense = dict(merge='single_conv' if regular else 'conv')
-    if features_only:
-        dense.update(out_interactions=out_interactions) if regular else dense.update(pyramid=ALL_LEVELS)
+    if features_only and regular:
+        dense.update(out_interactions=tuple(out_interactions or regular_fpn_interactions(built)))
+    elif features_only:
+        dense.update(pyramid=ALL_LEVELS)
     head = 'merged' if num_classes else None
     model = PIIP(branches, interaction, head=head, num_classes=num_classes, **dense, **kwargs)
-    arch = VariantCfg(tuple(branches), interaction, head or 'merged', dense['merge'],
-                      tuple(out_interactions) if regular else None)
+    arch = VariantCfg(tuple(branches), interaction, head or 'merged', dense['merge'], dense.get('out_interactions'))
     finest_cfg = timm.models.get_pretrained_cfg(names[-1])
     model.pretrained_cfg = _cfg(arch, num_classes=num_classes, architecture='piip (create_piip)',
                                 mean=getattr(finest_cfg, 'mean', None) or (0.485, 0.456, 0.406),
