@@ -1,6 +1,7 @@
 """The models the benchmarks compare: PIIP configurations and the paper's single-branch baselines."""
 from dataclasses import replace
-from typing import Callable, List, NamedTuple, Sequence, Tuple
+from functools import partial
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -17,8 +18,39 @@ class PaperRow(NamedTuple):
     name: str
     build: Callable[[], nn.Module]  # the model the paper counted
     input_size: int
-    paper_params_m: float
+    paper_params_m: Optional[float]  # None: the paper gives no parameter count for the row
     paper_gmacs: float
+
+
+class MergedMaps(nn.Module):
+    """forward(x) -> the merged maps of a regular-FPN PIIP detector, before its output levels: what
+    mmdetection/get_flops_det.py counts (``cal_flops`` returns after the merges)."""
+
+    def __init__(self, model: PIIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_merged(x)
+
+
+def regular_fpn_detector(name: str) -> MergedMaps:
+    """A ConvNeXt / hybrid detector backbone (``piip_ct_cs_cb`` ...) as the paper counted it."""
+    arch = VARIANTS[name]
+    return MergedMaps(PIIP(arch.branches, arch.interaction, head=None, merge=arch.merge,
+                           out_interactions=arch.out_interactions, num_classes=0))
+
+
+class ConvNeXtBaseline(nn.Module):
+    """timm's ConvNeXt (no classifier) returning its four stage maps: the paper's single-branch ConvNeXt
+    detector backbone (ConvNextHFWrapper, single_branch, regular FPN)."""
+
+    def __init__(self, name: str = 'convnext_base'):
+        super().__init__()
+        self.convnext = timm.create_model(name, num_classes=0)
+
+    def forward(self, x):
+        return self.convnext.forward_intermediates(x, intermediates_only=True)
 
 
 def paper_method(arch: VariantCfg) -> PIIP:
@@ -120,12 +152,25 @@ def paper_rows() -> List[PaperRow]:
         PaperRow('PIIP-TSBL 1792/1568/1120/448 (COCO)', lambda: paper_method(tsbl_detector((448, 1120, 1568, 1792))), 1792, 512, 1535),
         PaperRow('InternViT-6B 1024 (COCO)', internvit_6b_baseline, 1024, 5919, 29323),
         PaperRow('PIIP-H6B 1024/512 (COCO)', h6b_paper, 1024, 6872, 11080),
+        # ConvNeXt-based Mask R-CNN 1x rows (counted by mmdetection/get_flops_det.py; no #params given)
+        PaperRow('ConvNeXt-B 1024 (COCO)', ConvNeXtBaseline, 1024, None, 321),
+        *(PaperRow(f'PIIP-{name.upper().replace("_", "-")} 1024/672/448 (COCO)',
+                   partial(regular_fpn_detector, f'piip_{name}'), 1024, None, gmacs)
+          for name, gmacs in (('ct_cs_cb', 326), ('ct_vs_vb', 373), ('ct_cs_vb', 431), ('ct_vs_cb', 297),
+                              ('vt_cs_vb', 291), ('vt_cs_cb', 231), ('vt_vs_cb', 193))),
     ]
 
 
 def detector(arch: VariantCfg) -> PIIP:
     """A PIIP detection backbone as the detectors run it: conv merge and the simple pyramid."""
     return PIIP(arch.branches, arch.interaction, head=None, merge='conv', pyramid=ALL_LEVELS, num_classes=0)
+
+
+def regular_detector(arch: VariantCfg) -> PIIP:
+    """A ConvNeXt / hybrid detection backbone as the detectors run it: merges after its out interactions
+    and at the end, each brought to strides 4, 8, 16, 32 (the regular FPN's inputs)."""
+    return PIIP(arch.branches, arch.interaction, head=None, merge=arch.merge, out_interactions=arch.out_interactions,
+                num_classes=0)
 
 
 class DenseOutput(nn.Module):
@@ -169,6 +214,9 @@ def speed_pairs() -> List[SpeedPair]:
                   1120, 'ViTDet-L 1024 (no pyramid)', lambda: SingleViT('L', 1024, pyramid=False), 1024, 1),
         SpeedPair('PIIP-TSBL 1344/896/672/448 + merge + pyramid', lambda: DenseOutput(detector(tsbl_detector())), 1344,
                   'ViTDet-L 1024 + pyramid', lambda: SingleViT('L', 1024), 1024, 1),
+        SpeedPair('PIIP-CT-CS-CB 1024/672/448 + merges (regular-FPN inputs)',
+                  lambda: DenseOutput(regular_detector(VARIANTS['piip_ct_cs_cb'])), 1024,
+                  'ConvNeXt-B 1024 (4 stage maps)', ConvNeXtBaseline, 1024, 1),
     ]
 
 
@@ -187,4 +235,15 @@ def tiny_pairs() -> List[SpeedPair]:
                   'tiny ViT', lambda: timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=10, depth=2), 64, 2),
         SpeedPair('tiny PIIP-TSB detector', lambda: DenseOutput(detector(tiny(tsb_detector(), (32, 64, 96)))), 96,
                   'tiny ViTDet', lambda: SingleViT('B', 96), 96, 1),
+        SpeedPair('tiny PIIP-CT-CS-CB detector', lambda: DenseOutput(regular_detector(tiny_convnext_detector())), 128,
+                  'ConvNeXt-atto', lambda: ConvNeXtBaseline('convnext_atto'), 128, 1),
     ]
+
+
+def tiny_convnext_detector() -> VariantCfg:
+    """PIIP-CT-CS-CB's structure at a tiny size: three narrow ConvNeXts, four interactions, regular-FPN outputs."""
+    arch = VARIANTS['piip_ct_cs_cb']
+    ranges = ((0, 1), (2, 3), (4, 5), (6, 8))  # 9 counted layers: strides 4, 8, 16 after interactions 0, 1, 2
+    branches = tuple(replace(b, img_size=s, dims=(32, 32, 64, 64), depths=(2, 1, 2, 1), block_ranges=ranges)
+                     for b, s in zip(arch.branches, (64, 96, 128)))
+    return VariantCfg(branches, replace(arch.interaction, num_heads=4), arch.head, arch.merge, (0, 1, 2))

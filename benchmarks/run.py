@@ -41,7 +41,7 @@ import models  # noqa: E402
 def cost_section(quick: bool) -> List[Dict]:
     rows = models.paper_rows()
     if quick:
-        rows = [rows[0], rows[4]]
+        rows = [rows[0], rows[4], next(r for r in rows if r.name.startswith('PIIP-CT-CS-CB'))]
     out = []
     for row in rows:
         with torch.device('meta'):
@@ -51,7 +51,7 @@ def cost_section(quick: bool) -> List[Dict]:
         out.append(dict(name=row.name, params_m=params, paper_params_m=row.paper_params_m, gmacs=macs.paper,
                         paper_gmacs=row.paper_gmacs, attention=macs.attention, deformable=macs.deformable,
                         sampling_actual=macs.sampling_actual))
-        print(f'cost: {row.name}: {params:.1f} M ({row.paper_params_m} M), {macs.paper:.1f} G ({row.paper_gmacs} G)',
+        print(f'cost: {row.name}: {params:.1f} M ({row.paper_params_m or "-"} M), {macs.paper:.1f} G ({row.paper_gmacs} G)',
               flush=True)
     return out
 
@@ -145,9 +145,9 @@ def speed_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
     """Every pair in a fresh process: a process that has run a large model keeps its freed heap, and
     that plus the next pair's memory probe did not fit in 24 GB. ``save`` is called after each pair."""
     pairs = models.tiny_pairs() if quick else models.speed_pairs()
-    # Quick: the detector pair alone (it covers the ViTDet baseline; the ImageNet pair takes the same
-    # path), as each pair starts five processes that each import torch and timm.
-    indices = [1] if quick else range(len(pairs))
+    # Quick: the two detector pairs alone (they cover the ViTDet and ConvNeXt baselines; the ImageNet pair
+    # takes the same path), as each pair starts five processes that each import torch and timm.
+    indices = [1, 2] if quick else range(len(pairs))
     out = []
     for index in indices:
         pair = pairs[index]
@@ -463,14 +463,18 @@ def report(results: Dict, path: Path) -> None:
                   "Convention of the paper's `classification/get_flops.py`: mmcv's module counter (a multiply-add is "
                   "one op) plus self-attention `2(hw)^2C` (windows: `2hw w^2 C`) and deformable attention `5hwKC` "
                   "added by hand; detection models are counted as the paper counts them, the classification PIIP built "
-                  "from the detection config (no conv merge, no pyramid). The last column is the deformable sampling "
+                  "from the detection config (no conv merge, no pyramid); the ConvNeXt rows as "
+                  "`mmdetection/get_flops_det.py` counts them: the detector backbone up to its merges, ConvNeXt norms "
+                  "uncounted (transformers' `ConvNextLayerNorm` is no `nn.LayerNorm`), the deformable terms on each "
+                  "interaction's grids and widths (the paper gives no #params for these rows). The last column is the deformable sampling "
                   "as computed (4 corners + 1 weight per point and value channel), which the convention's `5hwKC` term "
                   "approximates with the full width C instead of the value width.", '',
                   '| model | params (M) | paper (M) | diff | GMACs | paper (G) | diff | sampling as computed (G) |',
                   '|---|---|---|---|---|---|---|---|']
         for r in results['cost']:
-            lines.append(f'| {r["name"]} | {r["params_m"]:.2f} | {r["paper_params_m"]} | '
-                         f'{100 * (r["params_m"] / r["paper_params_m"] - 1):+.2f}% | {r["gmacs"]:.1f} | '
+            params_diff = f'{100 * (r["params_m"] / r["paper_params_m"] - 1):+.2f}%' if r['paper_params_m'] else '-'
+            lines.append(f'| {r["name"]} | {r["params_m"]:.2f} | {r["paper_params_m"] or "-"} | '
+                         f'{params_diff} | {r["gmacs"]:.1f} | '
                          f'{r["paper_gmacs"]} | {100 * (r["gmacs"] / r["paper_gmacs"] - 1):+.2f}% | '
                          f'{r["sampling_actual"]:.2f} |')
         lines.append('')

@@ -132,9 +132,10 @@ def _paper_terms(model) -> Tuple[int, int]:
 
 
 def _vit_attention(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
-    """Self-attention terms of a single-branch ViT, found as the first submodule with ``blocks``
-    (windowed blocks use piip_timm's Attention)."""
-    blocks = next((m.blocks for m in model.modules() if isinstance(getattr(m, 'blocks', None), nn.Module)), None)
+    """Self-attention terms of a single-branch ViT, found as the first submodule with attention ``blocks``
+    (windowed blocks use piip_timm's Attention); none for a model without (a ConvNeXt)."""
+    blocks = next((m.blocks for m in model.modules() if isinstance(getattr(m, 'blocks', None), nn.Module)
+                   and len(m.blocks) and hasattr(m.blocks[0], 'attn')), None)
     if blocks is None:
         return 0
     grid = input_size[-1] // 16
