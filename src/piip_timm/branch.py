@@ -13,10 +13,16 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['PIIPBranch', 'BlockRanges', 'Grid', 'even_block_ranges']
+__all__ = ['PIIPBranch', 'BlockRanges', 'Grid', 'even_block_ranges', 'on_meta']
 
 BlockRanges = Tuple[Tuple[int, int], ...]
 Grid = Tuple[int, int]
+
+
+def on_meta(device: Optional[torch.device]) -> bool:
+    """Whether tensors created with ``device`` (or the ambient default device) have no data: then
+    initialising them is skipped (on meta, the init kernels run as slow Python decompositions)."""
+    return torch.empty(0, device=device).is_meta
 
 
 def even_block_ranges(depth: int, num_interactions: int) -> BlockRanges:

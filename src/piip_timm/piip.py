@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx import _symbolic_trace
 from torch.utils.checkpoint import checkpoint
 
-from .branch import Grid, PIIPBranch, even_block_ranges
+from .branch import Grid, PIIPBranch, even_block_ranges, on_meta
 from .convnext_branch import ConvNeXtBranchCfg
 from .layers import BidirectionalInteraction, BranchMerge, ConvMerge, DeformableCrossAttention, FeatureLevels, \
     LinearMerge, PYRAMID_SCALES, SimpleFeaturePyramid, SingleConvMerge, merge_branch_maps
@@ -246,7 +246,8 @@ class PIIP(nn.Module):
             raise ValueError(f"head must be 'separate', 'merged' or None, got {head!r}.")
         self.global_pool = self._check_pool(global_pool)
         self.head = self._make_head(num_classes, **dd)
-        self.init_weights()
+        if not on_meta(device):
+            self.init_weights()
 
     # ----------------------------------------------------------------- construction helpers
     @property
@@ -340,7 +341,8 @@ class PIIP(nn.Module):
         # The new head is created where the model lives, in its dtype (no build-then-move).
         reference = next(self.parameters())
         self.head = self._make_head(num_classes, device=reference.device, dtype=reference.dtype)
-        self.head.apply(_init_neck_weights)
+        if not reference.is_meta:
+            self.head.apply(_init_neck_weights)
         self.head.train(self.training)
 
     # ----------------------------------------------------------------- forward pieces

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .branch import BlockRanges, Grid, PIIPBranch
+from .branch import BlockRanges, Grid, PIIPBranch, on_meta
 from .layers import Attention
 
 __all__ = ['BranchCfg', 'ViTBranch', 'build_branch']
@@ -155,6 +155,7 @@ class ViTBranch(PIIPBranch, VisionTransformer):
             norm_layer=_norm_layer(cfg.norm),
             act_layer=GELUTanh if cfg.mlp_act == 'gelu_tanh' else nn.GELU,
             attn_layer=Attention if needs_own_attention else TimmAttention,
+            weight_init='skip' if on_meta(device) else '',
             device=device,
             dtype=dtype,
         )
