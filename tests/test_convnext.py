@@ -232,3 +232,31 @@ def test_create_piip_runs_small_timm_models_and_derives_ranges_and_outputs():
     assert vits.model.merge_style == 'conv' and vits.feature_info.reduction() == [4, 8, 16, 32]
     with pytest.raises(ValueError, match='VisionTransformers or ConvNeXts'):
         piip_timm.create_piip(['resnet18', 'deit_tiny_patch16_224'], (64, 128), device='meta')
+
+
+def test_classifier_intermediates_follow_the_finest_convnext_and_prune_at_any_step():
+    """Without dense outputs, the maps are the finest branch's after each step: for a ConvNeXt its width and
+    stride change between steps; pruning inside its stages keeps the taps and the model trains."""
+    kwargs = case_model_kwargs('det3_cnn_ctcscb')
+    kwargs.pop('out_interactions')
+    model = disable_drop_path(perturb(timm.create_model('piip_ct_cs_cb', num_classes=4, **kwargs))).eval()
+    finest = model.branches[-1]
+    ends = [end for _, end in finest.cfg.block_ranges]
+    assert [i['reduction'] for i in model.feature_info] == [finest.layer_strides[e] for e in ends] == [4, 8, 16, 16, 32]
+    assert [i['num_chs'] for i in model.feature_info] == [finest.layer_widths[e] for e in ends] == [16, 16, 24, 24, 32]
+    x = torch.randn(1, 3, 168, 176)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        assert [t.shape[1] for t in taps] == [16, 16, 24, 24, 32]
+        assert torch.equal(model.forward_intermediates(x, indices=[2], stop_early=True, intermediates_only=True)[0],
+                           taps[2])
+    pruned = model
+    pruned.prune_intermediate_layers([2])  # inside stage 2 of every ConvNeXt: the final merge is made anew
+    assert [b.num_layers for b in pruned.branches] == [b.cfg.block_ranges[2][1] + 1 for b in pruned.branches]
+    with torch.no_grad():
+        assert torch.allclose(pruned.forward_intermediates(x, indices=[2], intermediates_only=True)[0], taps[2])
+    pruned.train()
+    features = pruned.forward_features(x)
+    assert features.shape[-1] == pruned.branches[0].layer_widths[-1]
+    (pruned.forward_intermediates(x, indices=[2], intermediates_only=True)[0].sum() + features.sum()).backward()
+    assert [n for n, p in pruned.named_parameters() if p.grad is None] == []

@@ -105,6 +105,9 @@ def create_piip(
     if len(names) < 2 or len(sizes) != len(names):
         raise ValueError(f'give at least 2 model names and one image size per name; got {len(names)} names, '
                          f'{len(sizes)} sizes.')
+    sources = [BranchSource(timm_model=n) for n in names]
+    if pretrained:  # fail fast, before building anything, when a repository cannot be reached
+        check_hub_files([f for s in sources for f in s.hub_files()])
     model_kwargs = list(model_kwargs or [{}] * len(names))
     ranges = list(block_ranges or [None] * len(names))
     if len(model_kwargs) != len(names) or len(ranges) != len(names):
@@ -136,8 +139,6 @@ def create_piip(
                                 std=getattr(finest_cfg, 'std', None) or (0.229, 0.224, 0.225))
     model.default_cfg = model.pretrained_cfg
     if pretrained:
-        sources = [BranchSource(timm_model=n) for n in names]
-        check_hub_files([f for s in sources for f in s.hub_files()])
         assembled = {f'branches.{i}.{k}': v for i, s in enumerate(sources) for k, v in load_branch_state_dict(s).items()}
         model.load_state_dict(checkpoint_filter_fn(assembled, model), strict=True)
     if features_only:

@@ -555,11 +555,34 @@ class PIIP(nn.Module):
         return take_indices
 
     def _keep_steps(self, num_steps: int) -> None:
-        """Keep the first ``num_steps`` interaction steps, the layers they run and their feature levels."""
+        """Keep the first ``num_steps`` interaction steps, the layers they run and their feature levels.
+
+        A branch cut inside its stages (a ConvNeXt) ends at another width: the final merge, and the norm
+        and head on it, are then made anew for the widths the branches end at (freshly initialised).
+        """
         self.interactions = self.interactions[:num_steps]
         self.feature_info = self.feature_info[:num_steps]
         for branch in self.branches:
             branch.keep_layers(branch.cfg.block_ranges[num_steps - 1][1] + 1)
+        widths = tuple(b.layer_widths[-1] for b in self.branches)
+        if widths == self.embed_dims:
+            return
+        self.embed_dims = widths
+        reference = next(self.parameters())
+        dd = dict(device=reference.device, dtype=reference.dtype)
+        rebuilt = []
+        if self.merges is not None:
+            make_merge = _merge_factory(self.merge_style, widths[0], **dd)
+            self.merges = nn.ModuleList([make_merge(i, d) for i, d in enumerate(widths)])
+            rebuilt.append(self.merges)
+        if self.head_style == 'merged':
+            self.norm = nn.LayerNorm(widths[0], eps=1e-6, **dd)
+            rebuilt.append(self.norm)
+        self.num_features = self.head_hidden_size = sum(widths) if self.head_style == 'separate' else widths[0]
+        if not reference.is_meta:
+            for module in rebuilt:
+                module.apply(_init_neck_weights)
+        self.reset_classifier(self.num_classes)
 
 
 def _is_fx_symbolic_tracing() -> bool:
