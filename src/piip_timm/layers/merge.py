@@ -6,6 +6,12 @@ from torch import nn
 __all__ = ['LinearMerge', 'ConvMerge', 'SingleConvMerge']
 
 
+def _check_unprojected(in_dim: int, out_dim: int, project: bool) -> None:
+    """The target branch's merge keeps its width: it must already be the merged width."""
+    if not project and in_dim != out_dim:
+        raise ValueError(f'a merge without projection needs in_dim == out_dim, got {in_dim} and {out_dim}.')
+
+
 class LinearMerge(nn.Module):
     """GroupNorm, then (except for the target branch) a channel Linear and another GroupNorm.
 
@@ -17,8 +23,7 @@ class LinearMerge(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if not project and in_dim != out_dim:
-            raise ValueError(f'a merge without projection needs in_dim == out_dim, got {in_dim} and {out_dim}.')
+        _check_unprojected(in_dim, out_dim, project)
         self.norm_in = nn.GroupNorm(groups, in_dim, **dd)
         self.proj = nn.Linear(in_dim, out_dim, **dd) if project else None
         self.norm_out = nn.GroupNorm(groups, out_dim, **dd) if project else None
@@ -59,8 +64,7 @@ class SingleConvMerge(nn.Module):
     ) -> None:
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        if not project and in_dim != out_dim:
-            raise ValueError(f'a merge without projection needs in_dim == out_dim, got {in_dim} and {out_dim}.')
+        _check_unprojected(in_dim, out_dim, project)
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1, bias=False, **dd) if project else None
         self.norm = nn.GroupNorm(groups, out_dim, **dd)
 
