@@ -175,6 +175,9 @@ def test_clear_errors():
     model = piip_timm.PIIP([convnext, vit], head='merged', merge='single_conv', num_classes=3)
     with pytest.raises(ValueError, match='too small.*32px stride'):
         model(torch.randn(1, 3, 48, 48))  # the ConvNeXt sees 24 px, less than its last stride
+    with pytest.raises(ValueError, match='multiple of 32'):
+        piip_timm.PIIP([replace(convnext, dims=(40, 80, 160, 360)), vit], piip_timm.InteractionCfg(num_heads=4),
+                       head="merged", merge="single_conv")
     with pytest.raises(ValueError, match='7 layers'):
         piip_timm.PIIP([replace(convnext, block_ranges=((0, 7),)), vit], head='merged', merge='conv')
     config = load_case(CASES / 'det3_cnn_ctcscb.json')[0]['constructor_kwargs']

@@ -86,6 +86,9 @@ def _init_neck_weights(module: nn.Module) -> None:
 
 def _merge_factory(style: MergeStyle, out_dim: int, **dd) -> Callable[[int, int], nn.Module]:
     """index, in_dim -> the merge module of that branch (the coarsest is already at ``out_dim``)."""
+    if out_dim % 32:
+        raise ValueError(f'branches are merged at the coarsest branch\'s width, {out_dim} here, which the merges\' '
+                         'GroupNorm(32) needs to be a multiple of 32; use another coarsest model.')
     if style == 'linear':
         return lambda i, d: LinearMerge(d, out_dim, project=i > 0, **dd)
     if style == 'conv':
