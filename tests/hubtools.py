@@ -137,8 +137,10 @@ def run_python(code: str, endpoint: str, hf_home: Path, extra_env: Optional[Dict
     for key in list(env):
         if key.startswith('HF_') or key.startswith('HUGGINGFACE'):
             del env[key]
+    # This checkout's package first (not whichever piip_timm the interpreter has installed), then the test helpers.
+    path = [str(ROOT / 'src'), str(ROOT / 'tests')] + [p for p in [env.get('PYTHONPATH')] if p]
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY='1',
-               HF_HUB_DISABLE_PROGRESS_BARS='1', PYTHONPATH=str(ROOT / 'tests'))
+               HF_HUB_DISABLE_PROGRESS_BARS='1', PYTHONPATH=os.pathsep.join(path))
     env.update(extra_env or {})
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=timeout)
 
