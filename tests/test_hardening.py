@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -158,10 +159,55 @@ def test_train_mode_drop_path_follows_the_seed():
 
 
 # ----------------------------------------------------------------------------- resources
-def test_an_enormous_image_fails_fast_with_a_clear_error():
-    x = torch.zeros(1, 3, 1, 1).expand(1, 3, 60000, 60000)  # no memory behind it
-    with pytest.raises(ValueError, match=r'needs at least [\d.]+ GiB of activations'):
-        DENSE.forward_intermediates(x)
+ENORMOUS = textwrap.dedent('''
+    import resource, sys, torch
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_variant
+    model = tiny_variant('piip_tsbl', head=None, num_classes=0, merge='conv', pyramid={levels!r}).eval()
+    # The bound this test sets: 2 GiB more address space than the process has mapped now (as under ulimit -v).
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    mapped = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:'))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 2 ** 31, hard))
+    x = torch.zeros(1, 3, 1, 1).expand(1, 3, 16000, 16000)  # no memory behind it
+    try:
+        model.forward_intermediates(x)
+    except Exception as e:
+        print(type(e).__name__ + ': ' + str(e))
+    else:
+        print('RAN')
+''')
+
+
+def test_an_image_beyond_the_memory_bound_fails_fast_with_a_clear_error():
+    """A 16000 px image needs several GiB of activations: under a 2 GiB address-space bound set here, the
+    model must refuse it up front, whatever the machine's RAM (it would otherwise die allocating)."""
+    result = subprocess.run([sys.executable, '-c', ENORMOUS.format(tests=str(ROOT / 'tests'), levels=LEVELS)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    message = result.stdout.strip().splitlines()[-1]
+    found = re.fullmatch(r'ValueError: a 1x3x16000x16000 batch needs at least ([\d.]+) GiB of activations at once, '
+                         r'more than the ([\d.]+) GiB available on cpu; .*', message)
+    assert found, message
+    assert float(found.group(1)) > 2.0 >= float(found.group(2))
+
+
+def test_property_tests_are_derandomized_and_keep_no_database(tmp_path, monkeypatch):
+    from hypothesis import given, settings
+    assert settings.default.derandomize and settings.default.database is None
+    monkeypatch.chdir(tmp_path)
+    runs = []
+
+    @given(st.integers(0, 10 ** 6))
+    def below_a_thousand(n):
+        runs[-1].append(n)
+        assert n < 1000
+
+    for _ in range(2):
+        runs.append([])
+        with pytest.raises(AssertionError):
+            below_a_thousand()
+    assert runs[0][-1] == 1000 and runs[0] == runs[1]  # shrunk to the boundary through the same examples
+    assert list(tmp_path.iterdir()) == []  # no .hypothesis/ written where the tests run
 
 
 PROBE = textwrap.dedent('''
@@ -256,6 +302,59 @@ def test_converter_leaves_nothing_behind_when_it_fails(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / 'out')) == ['config.json', 'model.safetensors']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'good.safetensors', 'out',
                                                           'wrong.safetensors']
+
+
+CONVERT_WITH_A_FILE_SIZE_LIMIT = textwrap.dedent("""
+    import resource, signal, sys
+    from piip_timm.cli import main
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # config.json fits, model.safetensors does not
+    config, checkpoint, parent = sys.argv[1:]
+    for out, extra in (('fresh', []), ('existing', ['--overwrite'])):
+        try:
+            code = main(['convert', config, checkpoint, '--task', 'cls', '--out', f'{parent}/{out}'] + extra)
+        except Exception as e:
+            code = type(e).__name__
+        print(out, code, flush=True)
+""")
+
+
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_converter_is_complete_or_absent_when_writing_fails_after_staging(tmp_path):
+    """A write that fails inside the staging folder (here: a file-size limit) leaves no partial folder,
+    no staging leftovers, and an existing output exactly as it was; --overwrite with a good checkpoint
+    replaces the output completely."""
+    case, state, _, _ = load_case(REFERENCE_DIR / 'cases' / 'cls3_sephead.json')
+    config = tmp_path / 'config.json'
+    config.write_text(json.dumps(case['constructor_kwargs']))
+    good = tmp_path / 'good.safetensors'
+    save_file(state, str(good))
+    parent = tmp_path / 'outputs'
+    from piip_timm.cli import main
+    assert main(['convert', str(config), str(good), '--task', 'cls', '--out', str(parent / 'existing')]) == 0
+    before = tree(parent / 'existing')
+    assert os.path.getsize(parent / 'existing' / 'model.safetensors') > 65536
+    result = subprocess.run([sys.executable, '-c', CONVERT_WITH_A_FILE_SIZE_LIMIT, str(config), str(good), str(parent)],
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONDONTWRITEBYTECODE='1'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcomes = dict(line.split() for line in result.stdout.splitlines())
+    assert outcomes == {'fresh': '2', 'existing': '2'}, result.stderr[-2000:]  # a one-line error, exit status 2
+    assert result.stderr.count('could not write the converted model beside') == 2
+    assert sorted(os.listdir(parent)) == ['existing']  # no 'fresh', no staging or old-output folders
+    assert tree(parent / 'existing') == before
+    # --overwrite that succeeds: the new weights, and nothing of the old folder left beside it
+    changed = {k: v + 1 for k, v in state.items()}
+    newer = tmp_path / 'newer.safetensors'
+    save_file(changed, str(newer))
+    assert main(['convert', str(config), str(newer), '--task', 'cls', '--out', str(parent / 'existing'),
+                 '--overwrite']) == 0
+    assert sorted(os.listdir(parent)) == ['existing']
+    written = load_file(str(parent / 'existing' / 'model.safetensors'))
+    expected = convert_original_state_dict(changed)
+    assert set(written) == set(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
 
 
 def test_index_pointing_at_a_missing_shard_is_a_clear_error(tmp_path):

@@ -54,7 +54,12 @@ def convert_checkpoint(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
-        save_for_hf(model, str(staging), model_args=model_args(model), safe_serialization=True)
+        try:
+            save_for_hf(model, str(staging), model_args=model_args(model), safe_serialization=True)
+        except Exception as e:  # disk full, file-size or quota limits, ...
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OSError(f'could not write the converted model beside {str(out_dir)!r} ({reason}); '
+                          'nothing was written; check the space and limits there and convert again.') from e
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old.', dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
