@@ -26,18 +26,21 @@ from hubtools import LocalHub, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = ('up4', 'up2', 'same', 'down2')
-CLASSIFIER = perturb(tiny_variant('piip_tsb')).eval()
-DENSE = perturb(tiny_variant('piip_tsbl', head=None, num_classes=0, merge='conv', pyramid=LEVELS)).eval()
+# Branch image sizes chosen here, coarse to fine: branch i sees the input scaled by size_i / size_finest.
+CLASSIFIER_SIZES, DENSE_SIZES = (64, 96, 128), (64, 96, 128, 160)
+CLASSIFIER = perturb(tiny_variant('piip_tsb', img_sizes=CLASSIFIER_SIZES)).eval()
+DENSE = perturb(tiny_variant('piip_tsbl', img_sizes=DENSE_SIZES, head=None, num_classes=0, merge='conv',
+                             pyramid=LEVELS)).eval()
 
 
-def expected_problem(model, x):
+def expected_problem(sizes, x):
     """What the model must say about x, worked out from the documented rules (None: it must run)."""
     if not x.is_floating_point():
         return TypeError, 'floating-point'
     if x.dtype != torch.float32:
         return TypeError, 'model weights are torch.float32'
     height, width = x.shape[-2:]
-    for ratio in model.image_ratios:
+    for ratio in (size / sizes[-1] for size in sizes):
         h, w = (math.floor(height * ratio), math.floor(width * ratio)) if ratio < 1 else (height, width)
         if h < 16 or w < 16:
             return ValueError, 'too small'
@@ -63,7 +66,7 @@ def test_any_image_batch_runs_to_documented_shapes_or_raises_one_clear_error(bat
                                                                              dense):
     model = DENSE if dense else CLASSIFIER
     x = make_input(batch, height, width, dtype, layout)
-    problem = expected_problem(model, x)
+    problem = expected_problem(DENSE_SIZES if dense else CLASSIFIER_SIZES, x)
     run = (lambda t: model.forward_intermediates(t, intermediates_only=True)) if dense else model
     if problem is not None:
         with pytest.raises(problem[0], match=problem[1]):
@@ -93,6 +96,17 @@ def test_any_image_batch_runs_to_documented_shapes_or_raises_one_clear_error(bat
 def test_malformed_batches(shape, error, message):
     with pytest.raises(error, match=message):
         CLASSIFIER(torch.zeros(shape))
+
+
+def test_the_smallest_image_gives_the_coarsest_branch_one_patch():
+    """The coarsest branch sees the input at 64/128: one 16 px patch there needs a 32 px input."""
+    with torch.no_grad():
+        assert CLASSIFIER(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    for shape in ((31, 32), (32, 31)):
+        with pytest.raises(ValueError, match='too small: branch 0 sees it at 15x16|too small: branch 0 sees it at 16x15'):
+            CLASSIFIER(torch.randn(1, 3, *shape))
+    with pytest.raises(ValueError, match='use at least 32x32'):
+        CLASSIFIER(torch.randn(1, 3, 20, 20))
 
 
 def test_input_on_another_device_is_named():

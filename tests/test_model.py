@@ -233,13 +233,11 @@ def test_non_tensor_input_is_a_type_error():
 
 
 def test_sizes_that_are_not_patch_multiples_drop_the_partial_patch():
-    model = tiny_variant('piip_tsbl', head=None, num_classes=0).eval()
+    model = tiny_variant('piip_tsbl', img_sizes=[64, 96, 128, 160], head=None, num_classes=0).eval()
     with torch.no_grad():
         tokens, _, grids = model.forward_branches(torch.randn(1, 3, 133, 101))
-    # Branch images: floor(133 * r) x floor(101 * r) for r = 64/160 ... 1; grids floor(size / 16).
-    expected = []
-    for ratio in model.image_ratios:
-        h, w = (133, 101) if ratio >= 1 else (int(133 * ratio), int(101 * ratio))
-        expected.append((h // 16, w // 16))
+    # Branch images floor(133 * r) x floor(101 * r) for r = 64/160, 96/160, 128/160, 1: 53x40, 79x60,
+    # 106x80, 133x101; token grids floor(side / 16).
+    expected = [(3, 2), (4, 3), (6, 5), (8, 6)]
     assert grids == expected
     assert [t.shape[1] for t in tokens] == [h * w for h, w in expected]
