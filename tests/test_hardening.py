@@ -114,10 +114,16 @@ def test_input_on_another_device_is_named():
         CLASSIFIER(torch.zeros(1, 3, 128, 128, device='meta'))
 
 
-def test_half_precision_input_runs_under_autocast():
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        out = CLASSIFIER(torch.randn(2, 3, 128, 128).bfloat16())
-    assert out.shape == (2, 7) and torch.isfinite(out.float()).all()
+def test_half_precision_input_under_autocast_stays_close_to_fp32():
+    """bf16 autocast (8-bit mantissa) stays within 1% of the fp32 logits; leaving out the interactions alone
+    moves them by about 3%."""
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = CLASSIFIER(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = CLASSIFIER(x.bfloat16())
+    assert out.shape == (2, 7) and out.dtype == torch.bfloat16
+    assert (out.float() - reference).norm() <= 1e-2 * reference.norm()
 
 
 def test_nan_and_inf_in_the_input_propagate():
