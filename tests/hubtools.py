@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 class LocalHub:
     """Serves ``root/<org>/<name>/<path>`` with the Hub's resolve protocol:
     ``HEAD|GET /<org>/<name>/resolve/<revision>/<path>`` with X-Repo-Commit / ETag / Content-Length
-    headers, and 404s carrying X-Error-Code (RepoNotFound, EntryNotFound) like the real Hub."""
+    headers, and 404s carrying X-Error-Code (RepoNotFound, EntryNotFound) like the real Hub.
+    ``failing``: repositories answered with a status (e.g. 503) instead. ``requests`` records every request."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, failing: Optional[Dict[str, int]] = None):
         self.root = Path(root)
+        self.failing = dict(failing or {})
         self.requests: List[str] = []
         hub = self
 
@@ -44,6 +46,8 @@ class LocalHub:
                 if len(parts) < 5 or parts[2] != 'resolve':
                     return self._error(404, 'RepoNotFound')
                 repo, filename = '/'.join(parts[:2]), '/'.join(parts[4:])
+                if repo in hub.failing:
+                    return self._error(hub.failing[repo], 'ServiceUnavailable')
                 repo_dir = hub.root / repo
                 if not repo_dir.is_dir():
                     return self._error(404, 'RepoNotFound')

@@ -357,6 +357,34 @@ def test_offline_without_cache_says_so(tmp_path):
     assert elapsed < 5
 
 
+def test_the_reachability_check_sends_one_metadata_request_per_repository_and_never_retries(tmp_path):
+    with LocalHub(tmp_path / 'hub', failing={'flaky/repo': 503}) as server:
+        server.add('timm/first', 'model.safetensors', b'1')
+        server.add('timm/second', 'model.safetensors', b'2')
+        server.add('OpenGVLab/PIIP', 'other.pth', b'3')
+        code = textwrap.dedent('''
+            from piip_timm.hub import HubFile, HubUnavailableError, check_hub_files
+            check_hub_files([HubFile('timm/first', 'model.safetensors'), HubFile('timm/first', 'open_clip.bin'),
+                             HubFile('timm/second', 'model.safetensors'), HubFile('timm/first', 'config.json'),
+                             HubFile('OpenGVLab/PIIP', 'not/there.pth')])
+            print('reachable', flush=True)
+            try:
+                check_hub_files([HubFile('flaky/repo', 'model.safetensors'), HubFile('flaky/repo', 'x.bin')])
+            except HubUnavailableError as e:
+                print('unavailable:', e)
+        ''')
+        result = run_python(code, server.endpoint, tmp_path / 'home')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == 'reachable'
+    assert result.stdout.splitlines()[1].startswith('unavailable: could not reach') and 'flaky/repo' in result.stdout
+    assert server.requests == [
+        'HEAD /timm/first/resolve/main/model.safetensors',
+        'HEAD /timm/second/resolve/main/model.safetensors',
+        'HEAD /OpenGVLab/PIIP/resolve/main/not/there.pth',  # answered (EntryNotFound): the endpoint is up
+        'HEAD /flaky/repo/resolve/main/model.safetensors',  # 503 once: no retry, no second file
+    ]
+
+
 class Payload:
     """Pickles to a call of os.system: what a malicious checkpoint carries."""
 
