@@ -1,5 +1,6 @@
 """PIIP backbones for timm: ``import piip_timm`` registers ``piip_tsb``, ``piip_sbl``, ``piip_tsbl``,
-``piip_lh6b`` and ``piip_h6b`` (and ``piip``, built from explicit branch configs)."""
+``piip_lh6b`` and ``piip_h6b``. Any other architecture: ``piip_timm.PIIP(branches=[BranchCfg(...), ...])``,
+or ``branches=`` passed to any of those entry points."""
 from .config_file import read_backbone_config
 from .convert import convert_original_state_dict, unwrap_state_dict
 from .original import from_original, translate_original_config

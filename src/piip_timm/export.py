@@ -9,7 +9,7 @@ from torch import nn
 
 from .config_file import read_backbone_config
 from .original import from_original, translate_original_config
-from .piip import PIIP, _cfg, VariantCfg, model_args
+from .piip import PIIP, _cfg, VariantCfg, entry_point_name, model_args
 
 __all__ = ['convert_checkpoint']
 
@@ -17,7 +17,7 @@ __all__ = ['convert_checkpoint']
 def _pretrained_cfg(model: PIIP, returned_levels: Any) -> dict:
     arch = VariantCfg(branches=model.branch_cfgs, interaction=model.interaction_cfg, head=model.head_style or 'merged',
                       merge=model.merge_style)
-    cfg = _cfg(arch, architecture='piip', num_classes=model.num_classes)
+    cfg = _cfg(arch, architecture=entry_point_name(model), num_classes=model.num_classes)
     if model.head_style is None:
         cfg.update(classifier=None)
     if returned_levels is not None:

@@ -31,6 +31,7 @@ from timm.models import VisionTransformer, build_model_with_cfg, generate_defaul
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention as TimmAttention
 from torch import nn
+from torch.fx import _symbolic_trace
 from torch.utils.checkpoint import checkpoint
 
 from .convert import to_package_layout
@@ -118,7 +119,13 @@ def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
     return partial(RmsNorm, eps=1e-6) if kind == 'rmsnorm' else partial(LayerNorm, eps=1e-6)
 
 
-def build_branch(cfg: BranchCfg, in_chans: int = 3, final_norm: bool = False) -> VisionTransformer:
+def build_branch(
+        cfg: BranchCfg,
+        in_chans: int = 3,
+        final_norm: bool = False,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> VisionTransformer:
     """A timm VisionTransformer configured as a PIIP branch (no head; PIIP does the embedding)."""
     windows = cfg.block_windows()
     needs_own_attention = cfg.qk_norm or any(windows)
@@ -141,6 +148,9 @@ def build_branch(cfg: BranchCfg, in_chans: int = 3, final_norm: bool = False) ->
         norm_layer=_norm_layer(cfg.norm),
         act_layer=GELUTanh if cfg.mlp_act == 'gelu_tanh' else nn.GELU,
         attn_layer=Attention if needs_own_attention else TimmAttention,
+        weight_init='skip' if _on_meta(device) else '',
+        device=device,
+        dtype=dtype,
     )
     if cfg.pos_embed_class_slot and not cfg.class_token:
         # Checkpoints of these branches (InternViT-6B, MAE ViT-H in PIIP detectors) keep the class slot
@@ -153,6 +163,12 @@ def build_branch(cfg: BranchCfg, in_chans: int = 3, final_norm: bool = False) ->
         block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
         block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
     return vit
+
+
+def _on_meta(device: Optional[torch.device]) -> bool:
+    """Whether tensors created with ``device`` (or the ambient default device) have no data: then
+    initialising them is skipped (on meta, the init kernels run as slow Python decompositions)."""
+    return torch.empty(0, device=device).is_meta
 
 
 def _init_neck_weights(module: nn.Module) -> None:
@@ -192,6 +208,12 @@ class PIIP(nn.Module):
             head) or ``''`` (no pooling).
         in_chans: input channels.
         drop_rate: dropout before the head(s).
+        device, dtype: where and in which dtype parameters are created (timm's factory kwargs);
+            ``device='meta'`` builds the structure without allocating.
+
+    ``feature_info`` / ``forward_intermediates``: with a pyramid, its levels; without one, the
+    finest branch's token map after each interaction step (like timm's ViTs, one level per
+    step of the network), at the finest branch's patch stride.
     """
 
     def __init__(
@@ -205,8 +227,11 @@ class PIIP(nn.Module):
             global_pool: Optional[str] = None,
             in_chans: int = 3,
             drop_rate: float = 0.0,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         branches = tuple(branches)
         if len(branches) < 2:
             raise ValueError(f'PIIP needs at least 2 branches, got {len(branches)}.')
@@ -234,7 +259,7 @@ class PIIP(nn.Module):
         self.patch_size = branches[-1].patch_size
 
         self.branches = nn.ModuleList(
-            [build_branch(b, in_chans, final_norm=head == 'separate') for b in branches])
+            [build_branch(b, in_chans, final_norm=head == 'separate', **dd) for b in branches])
 
         norm_layer = partial(nn.LayerNorm, eps=1e-6) if interaction.norm else None
         unit_kwargs = dict(
@@ -246,6 +271,7 @@ class PIIP(nn.Module):
             with_ffn=interaction.with_ffn,
             ffn_ratio=interaction.ffn_ratio,
             drop_path=interaction.drop_path,
+            **dd,
         )
         self.interactions = nn.ModuleList([
             nn.ModuleList([
@@ -258,19 +284,25 @@ class PIIP(nn.Module):
         out_dim = self.embed_dims[0]
         if merge == 'linear':
             self.merges = nn.ModuleList(
-                [LinearMerge(d, out_dim, project=i > 0) for i, d in enumerate(self.embed_dims)])
+                [LinearMerge(d, out_dim, project=i > 0, **dd) for i, d in enumerate(self.embed_dims)])
         elif merge == 'conv':
-            self.merges = nn.ModuleList([ConvMerge(d, out_dim) for d in self.embed_dims])
+            self.merges = nn.ModuleList([ConvMerge(d, out_dim, **dd) for d in self.embed_dims])
         elif merge is None:
             self.merges = None
         else:
             raise ValueError(f"merge must be 'linear', 'conv' or None, got {merge!r}.")
-        self.branch_weights = nn.Parameter(torch.ones(len(branches))) if merge else None
-        self.pyramid = SimpleFeaturePyramid(out_dim, pyramid) if pyramid else None
-        self.feature_info = [
-            dict(num_chs=out_dim, reduction=int(self.patch_size / PYRAMID_SCALES[name]), module=f'pyramid.{name}')
-            for name in (pyramid or ())
-        ]
+        self.branch_weights = nn.Parameter(torch.ones(len(branches), **dd)) if merge else None
+        self.pyramid = SimpleFeaturePyramid(out_dim, pyramid, **dd) if pyramid else None
+        if pyramid:
+            self.feature_info = [
+                dict(num_chs=out_dim, reduction=int(self.patch_size / PYRAMID_SCALES[name]), module=f'pyramid.{name}')
+                for name in pyramid
+            ]
+        else:
+            self.feature_info = [
+                dict(num_chs=self.embed_dims[-1], reduction=self.patch_size, module=f'interactions.{k}')
+                for k in range(num_interactions)
+            ]
 
         self.head_drop = nn.Dropout(drop_rate)
         if head == 'separate':
@@ -278,7 +310,7 @@ class PIIP(nn.Module):
             self.norm = None
         elif head == 'merged':
             self.num_features = self.head_hidden_size = out_dim
-            self.norm = nn.LayerNorm(out_dim, eps=1e-6)
+            self.norm = nn.LayerNorm(out_dim, eps=1e-6, **dd)
         elif head is None:
             if num_classes:
                 raise ValueError(f'a model without head (head=None) needs num_classes=0, got {num_classes}.')
@@ -287,8 +319,9 @@ class PIIP(nn.Module):
         else:
             raise ValueError(f"head must be 'separate', 'merged' or None, got {head!r}.")
         self.global_pool = self._check_pool(global_pool)
-        self.head = self._make_head(num_classes)
-        self.init_weights()
+        self.head = self._make_head(num_classes, **dd)
+        if not _on_meta(device):
+            self.init_weights()
 
     # ----------------------------------------------------------------- construction helpers
     def _check_pool(self, global_pool: Optional[str]) -> str:
@@ -304,11 +337,12 @@ class PIIP(nn.Module):
             raise ValueError("global_pool='token' needs a class token in every branch.")
         return global_pool
 
-    def _make_head(self, num_classes: int) -> nn.Module:
+    def _make_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        dd = dict(device=device, dtype=dtype)
         if self.head_style == 'separate':
             return nn.ModuleList([
-                nn.Linear(d, num_classes) if num_classes > 0 else nn.Identity() for d in self.embed_dims])
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+                nn.Linear(d, num_classes, **dd) if num_classes > 0 else nn.Identity() for d in self.embed_dims])
+        return nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def init_weights(self) -> None:
         """Fresh init of everything that is not a branch (the branches keep timm's init)."""
@@ -361,13 +395,21 @@ class PIIP(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = self._check_pool(global_pool)
-        device = next(self.parameters()).device
-        self.head = self._make_head(num_classes).to(device)
-        self.head.apply(_init_neck_weights)
+        # The new head is created where the model lives, in its dtype (no build-then-move).
+        reference = next(self.parameters())
+        self.head = self._make_head(num_classes, device=reference.device, dtype=reference.dtype)
+        if not reference.is_meta:
+            self.head.apply(_init_neck_weights)
+        self.head.train(self.training)
 
     # ----------------------------------------------------------------- forward pieces
     def _check_input(self, x: torch.Tensor) -> None:
-        """One clear error for any image batch the model cannot take (before any kernel complains)."""
+        """One clear error for any image batch the model cannot take (before any kernel complains).
+
+        Skipped under torch.fx symbolic tracing, where the input is a proxy without values or shape.
+        """
+        if _is_fx_symbolic_tracing():
+            return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'PIIP expects a torch.Tensor image batch, got {type(x).__name__}.')
         if x.ndim != 4:
@@ -425,11 +467,8 @@ class PIIP(nn.Module):
         # Tokens in (B, N, C) memory: a transposed view of the conv output would carry its channel-major
         # strides through every residual add and make each LayerNorm copy its input (~5% of a detector's time).
         x = branch.patch_embed.norm(x.flatten(2).transpose(1, 2).contiguous())
-        stored = self.branch_cfgs[index].grid
         pos_embed = branch.pos_embed[:, 1:] if self.branch_cfgs[index].pos_embed_class_slot else branch.pos_embed
-        pos_embed = resample_abs_pos_embed(
-            pos_embed, (grid_h, grid_w), old_size=(stored, stored), num_prefix_tokens=0, antialias=False)
-        x = branch.pos_drop(x + pos_embed)
+        x = branch.pos_drop(x + _pos_embed_for_grid(pos_embed, (grid_h, grid_w), self.branch_cfgs[index].grid))
         prefix = branch.cls_token.expand(x.shape[0], -1, -1) if self.num_prefix_tokens[index] else None
         return x, prefix, (grid_h, grid_w)
 
@@ -464,8 +503,18 @@ class PIIP(nn.Module):
             self, x: torch.Tensor,
     ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Tuple[int, int]]]:
         """Run all branches and interactions: per-branch patch tokens, prefix tokens and grids."""
+        return self._forward_steps(x)[:3]
+
+    def _forward_steps(
+            self,
+            x: torch.Tensor,
+            tap_steps: Sequence[int] = (),
+            last_step: Optional[int] = None,
+    ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Tuple[int, int]], List[torch.Tensor]]:
+        """``forward_branches`` up to step ``last_step``, with the finest branch's (B, C, H, W) map
+        after each step in ``tap_steps``."""
         self._check_input(x)
-        tokens, prefixes, grids = [], [], []
+        tokens, prefixes, grids, taps = [], [], [], []
         for i, image in enumerate(self.image_pyramid(x)):
             t, p, hw = self._embed(i, image)
             tokens.append(t)
@@ -480,19 +529,20 @@ class PIIP(nn.Module):
                     tokens[u], tokens[u + 1] = checkpoint(units[u], *args, use_reentrant=False)
                 else:
                     tokens[u], tokens[u + 1] = units[u](*args)
-        return tokens, prefixes, grids
+            if step in tap_steps:
+                taps.append(_token_map(tokens[-1], grids[-1]))
+            if step == last_step:
+                break
+        return tokens, prefixes, grids, taps
 
     def merge_branches(self, tokens: Sequence[torch.Tensor], grids: Sequence[Tuple[int, int]]) -> torch.Tensor:
         """Weighted sum of the merged branch maps on the finest grid: (B, embed_dims[0], H, W)."""
         if self.merges is None:
             raise RuntimeError(
                 'this PIIP model has no branch merge; build it with merge="conv" (or features_only=True).')
-        target = tuple(grids[-1])
         out = None
         for i, (merge, t, hw) in enumerate(zip(self.merges, tokens, grids)):
-            fmap = merge(t.transpose(1, 2).reshape(t.shape[0], t.shape[2], hw[0], hw[1]))
-            if tuple(hw) != target:
-                fmap = F.interpolate(fmap, size=target, mode='bilinear', align_corners=False)
+            fmap = _resize_to_grid(merge(_token_map(t, hw)), grids[-1])
             fmap = fmap * self.branch_weights[i]
             out = fmap if out is None else out + fmap
         return out
@@ -535,7 +585,7 @@ class PIIP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    # ----------------------------------------------------------------- dense features
+    # ----------------------------------------------------------------- intermediates
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -545,19 +595,27 @@ class PIIP(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[Any, List[torch.Tensor]]]:
-        """The simple-pyramid levels of the merged map (strides in ``feature_info``), timm style.
+        """The maps ``feature_info`` describes, timm style: ``(forward_features(x), maps)``.
 
-        ``indices`` select pyramid levels (int n: the last n). ``norm`` and ``stop_early`` have no
-        effect: the levels all come from the final merged map.
+        With a pyramid (``features_only=True``, the detectors) the maps are its levels, which all come
+        from the final merged map (``norm``/``stop_early`` change nothing). Without one they are the finest
+        branch's tokens after each interaction step; ``stop_early`` then stops after the last step
+        asked for (the features returned are those of that step), and ``norm`` applies the finest
+        branch's final norm (classifiers with separate heads have one).
+        ``indices``: positions in ``feature_info`` (an int n: the last n).
         """
-        if self.pyramid is None:
-            raise RuntimeError('this PIIP model has no feature pyramid; create it with features_only=True '
-                               'or pyramid=("up4", "up2", "same", "down2").')
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}.")
-        take_indices, _ = feature_take_indices(len(self.pyramid.level_names), indices)
-        tokens, prefixes, grids = self.forward_branches(x)
-        intermediates = self.pyramid(self.merge_branches(tokens, grids), take_indices)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if self.pyramid is not None:
+            tokens, prefixes, grids = self.forward_branches(x)
+            intermediates = self.pyramid(self.merge_branches(tokens, grids), take_indices)
+        else:
+            last_step = max_index if stop_early or intermediates_only else None
+            tokens, prefixes, grids, intermediates = self._forward_steps(x, take_indices, last_step)
+            if norm:
+                finest = self.branches[-1].norm
+                intermediates = [finest(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for t in intermediates]
         if output_fmt == 'NHWC':
             intermediates = [t.permute(0, 2, 3, 1) for t in intermediates]
         if intermediates_only:
@@ -570,9 +628,12 @@ class PIIP(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """For ``features_only``: drop the classifier (and the norms that only feed it); every
-        pyramid level needs every branch, so no block is pruned."""
-        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        """Drop what the levels at ``indices`` do not need: the classifier (``prune_head``), the final
+        norms (``prune_norm``) and, for per-step levels, the interaction steps after the last one kept
+        (with their blocks). Pyramid levels all need every branch, so nothing else is pruned for them."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if self.pyramid is None:
+            self._keep_steps(max_index + 1)
         if prune_head:
             self.reset_classifier(0, '')
         if prune_norm:
@@ -582,6 +643,47 @@ class PIIP(nn.Module):
             else:
                 self.norm = nn.Identity()
         return take_indices
+
+    def _keep_steps(self, num_steps: int) -> None:
+        """Keep the first ``num_steps`` interaction steps, the blocks they run and their feature levels."""
+        self.interactions = self.interactions[:num_steps]
+        self.feature_info = self.feature_info[:num_steps]
+        cfgs = []
+        for branch, cfg in zip(self.branches, self.branch_cfgs):
+            depth = cfg.block_ranges[num_steps - 1][1] + 1
+            branch.blocks = branch.blocks[:depth]
+            windows = cfg.window_size[:depth] if isinstance(cfg.window_size, (tuple, list)) else cfg.window_size
+            cfgs.append(replace(cfg, depth=depth, block_ranges=cfg.block_ranges[:num_steps], window_size=windows))
+        self.branch_cfgs = tuple(cfgs)
+
+
+def _is_fx_symbolic_tracing() -> bool:
+    """True inside torch.fx.symbolic_trace (older torch only has the broader ``is_fx_tracing``)."""
+    check = getattr(_symbolic_trace, 'is_fx_symbolic_tracing', None) or _symbolic_trace.is_fx_tracing
+    return check()
+
+
+# Shape-dependent steps of the forward as plain functions: torch.fx traces calls to them as single
+# nodes (torch.fx.wrap), so the model traces symbolically although they branch on sizes.
+def _pos_embed_for_grid(pos_embed: torch.Tensor, grid_hw: Tuple[int, int], stored: int) -> torch.Tensor:
+    """The stored square pos_embed grid resampled to the token grid (bicubic, no antialias: the original's rule)."""
+    return resample_abs_pos_embed(pos_embed, grid_hw, old_size=(stored, stored), num_prefix_tokens=0, antialias=False)
+
+
+def _token_map(tokens: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W) map."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid_hw[0], grid_hw[1])
+
+
+def _resize_to_grid(fmap: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of a (B, C, H, W) map to ``grid_hw``, if it is not that size."""
+    if tuple(fmap.shape[-2:]) == tuple(grid_hw):
+        return fmap
+    return F.interpolate(fmap, size=tuple(grid_hw), mode='bilinear', align_corners=False)
+
+
+for _name in ('_pos_embed_for_grid', '_token_map', '_resize_to_grid'):
+    torch.fx.wrap(_name)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -935,7 +1037,8 @@ def _as_branch(cfg: Union[BranchCfg, Mapping[str, Any]]) -> BranchCfg:
 
 
 def model_args(model: 'PIIP') -> Dict[str, Any]:
-    """JSON-serialisable constructor arguments that rebuild ``model`` through ``timm.create_model('piip', ...)``."""
+    """JSON-serialisable constructor arguments that rebuild ``model`` through any piip_* entry point
+    (``timm.create_model(entry_point_name(model), **model_args(model))``)."""
     return dict(
         branches=[asdict(b) for b in model.branch_cfgs],
         interaction=asdict(model.interaction_cfg),
@@ -944,6 +1047,15 @@ def model_args(model: 'PIIP') -> Dict[str, Any]:
         pyramid=list(model.pyramid.level_names) if model.pyramid is not None else None,
         global_pool=model.global_pool,
     )
+
+
+def entry_point_name(model: 'PIIP') -> str:
+    """The registered variant whose branch widths ``model`` has (``piip_tsb`` if none): the architecture
+    name a converted checkpoint's config.json gives timm; its ``model_args`` carry the whole architecture."""
+    for name, variant in VARIANTS.items():
+        if tuple(b.embed_dim for b in variant.branches) == tuple(model.embed_dims):
+            return name
+    return 'piip_tsb'
 
 
 def _resolve_tag(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], Optional[PretrainedTag]]:
@@ -1066,8 +1178,7 @@ def _tag_cfg(tag: PretrainedTag) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'{variant}.{name}': _tag_cfg(tag) for variant, tags in PRETRAINED.items() for name, tag in tags.items()},
-    'piip': _cfg(VARIANTS['piip_tsb'], num_classes=0, classifier=None, first_conv=None),
+    f'{variant}.{name}': _tag_cfg(tag) for variant, tags in PRETRAINED.items() for name, tag in tags.items()
 })
 for _variant, _tags in PRETRAINED.items():
     # The first tag is the default even when its weights are assembled from branch repos (timm would
@@ -1105,8 +1216,3 @@ def piip_h6b(pretrained: bool = False, **kwargs) -> PIIP:
     """PIIP-H6B: InternViT-6B / MAE ViT-H on 512/1024 px (COCO configuration)."""
     return _create_piip('piip_h6b', pretrained=pretrained, **kwargs)
 
-
-@register_model
-def piip(pretrained: bool = False, **kwargs) -> PIIP:
-    """A PIIP built from explicit ``branches=[...]`` (BranchCfg or dicts), as written by the converter."""
-    return _create_piip('piip', pretrained=pretrained, **kwargs)

@@ -32,6 +32,24 @@ def _window_merge(windows: torch.Tensor, window: int, batch: int, height: int, w
     return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, -1)
 
 
+def _pad_to_windows(qkv: torch.Tensor, window: int, pad_value: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H', W', C) with H', W' multiples of ``window``, padded at the bottom and right
+    with ``pad_value`` (a (C,) vector) or zeros."""
+    batch, height, width, channels = qkv.shape
+    pad_h = (window - height % window) % window
+    pad_w = (window - width % window) % window
+    if not (pad_h or pad_w):
+        return qkv
+    if pad_value is None:
+        return F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+    padded = pad_value.expand(batch, height + pad_h, width + pad_w, channels).clone()
+    padded[:, :height, :width] = qkv
+    return padded
+
+
+torch.fx.wrap('_pad_to_windows')  # branches on the grid's size: one node for torch.fx
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, global or in non-overlapping windows.
 
@@ -61,9 +79,11 @@ class Attention(nn.Module):
             norm_layer: Optional[Callable[[int], nn.Module]] = None,
             window_size: Optional[int] = None,
             window_padding: WindowPadding = 'tokens',
-            **kwargs,
+            device=None,
+            dtype=None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if dim % num_heads:
             raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}.')
         if scale_norm:
@@ -74,11 +94,11 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.window_size = window_size
         self.window_padding = window_padding
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(dim) if qk_norm else nn.Identity()
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(dim, **dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -94,19 +114,12 @@ class Attention(nn.Module):
         """Attention inside windows, projected: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, channels = x.shape
         window = self.window_size
-        pad_h = (window - height % window) % window
-        pad_w = (window - width % window) % window
         qkv = self.qkv(x)  # only real tokens are projected
-        if pad_h or pad_w:
-            if self.window_padding == 'tokens' and self.qkv.bias is not None:
-                # A zero (padding) token projects to the bias: pad q/k/v with it instead of projecting padding.
-                padded = self.qkv.bias.expand(batch, height + pad_h, width + pad_w, qkv.shape[-1]).clone()
-                padded[:, :height, :width] = qkv
-                qkv = padded
-            else:
-                qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+        # A zero (padding) token projects to the bias: with 'tokens' padding, pad q/k/v with it.
+        pad_value = self.qkv.bias if self.window_padding == 'tokens' else None
+        qkv = _pad_to_windows(qkv, window, pad_value)
         out = self._attend(_window_partition(qkv, window))
-        out = _window_merge(out, window, batch, height + pad_h, width + pad_w)
+        out = _window_merge(out, window, batch, qkv.shape[1], qkv.shape[2])
         return self.proj(out[:, :height, :width, :])
     def forward(
             self,
@@ -117,7 +130,7 @@ class Attention(nn.Module):
         """x: (B, N, C) tokens, or (B, H, W, C) a token grid (needed for windows)."""
         if attn_mask is not None or is_causal:
             raise ValueError('piip_timm.layers.Attention does not take attention masks.')
-        if x.ndim == 4 and self.window_size:
+        if self.window_size:  # windowed blocks are always given the token grid
             return self.proj_drop(self._windowed(x))
         out = self._attend(self.qkv(x.flatten(1, -2))).view(x.shape)
         return self.proj_drop(self.proj(out))

@@ -7,7 +7,7 @@ from torch import nn
 
 from .deform_sampling import deform_sample
 
-__all__ = ['DeformableCrossAttention', 'reference_points', 'softmax_over_points']
+__all__ = ['DeformableCrossAttention', 'reference_points', 'sampling_locations', 'softmax_over_points']
 
 
 def reference_points(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -23,6 +23,22 @@ def softmax_over_points(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     (vectorised along that axis) is about 2.5x slower on CPU than these four whole-tensor ops."""
     exp = (logits - logits.amax(dim=dim, keepdim=True)).exp()
     return exp / exp.sum(dim=dim, keepdim=True)
+
+
+def sampling_locations(offsets: torch.Tensor, query_hw: Tuple[int, int], feat_hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, heads, P, 2, Q) offsets in value-grid cells -> sampling locations in [0, 1] around each query's centre.
+
+    Kept in at least fp32: in bf16 the locations would be off by up to half a cell.
+    """
+    offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
+    cell = torch.tensor((1.0 / feat_hw[1], 1.0 / feat_hw[0]), dtype=offsets.dtype, device=offsets.device)
+    ref = reference_points(query_hw[0], query_hw[1], offsets.device).t()  # (2, Q)
+    return torch.addcmul(ref, offsets, cell[:, None])
+
+
+# Both depend on the grids' sizes: torch.fx traces calls to them as single nodes.
+torch.fx.wrap('sampling_locations')
+torch.fx.wrap('deform_sample')
 
 
 class DeformableCrossAttention(nn.Module):
@@ -41,8 +57,11 @@ class DeformableCrossAttention(nn.Module):
             num_points: int = 4,
             value_ratio: float = 1.0,
             feat_dim: Optional[int] = None,
+            device=None,
+            dtype=None,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         value_dim = int(dim * value_ratio)
         if value_dim % num_heads:
             raise ValueError(
@@ -50,10 +69,10 @@ class DeformableCrossAttention(nn.Module):
         self.num_heads = num_heads
         self.num_points = num_points
         self.head_dim = value_dim // num_heads
-        self.sampling_offsets = nn.Linear(dim, num_heads * num_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * num_points)
-        self.value_proj = nn.Linear(feat_dim or dim, value_dim)
-        self.output_proj = nn.Linear(value_dim, dim)
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_points * 2, **dd)
+        self.attention_weights = nn.Linear(dim, num_heads * num_points, **dd)
+        self.value_proj = nn.Linear(feat_dim or dim, value_dim, **dd)
+        self.output_proj = nn.Linear(value_dim, dim, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,11 +113,6 @@ class DeformableCrossAttention(nn.Module):
         num_offsets = self.sampling_offsets.out_features
         offsets = projected[:, :num_offsets].unflatten(1, (heads, points, 2))  # (B, heads, P, 2, Q)
         weights = softmax_over_points(projected[:, num_offsets:].unflatten(1, (heads, points)), dim=2)
-        # Offsets are in units of the value grid's cells; locations are normalised to [0, 1].
-        # Locations are kept in at least fp32: in bf16 they would be off by up to half a cell.
-        offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
-        cell = torch.tensor((1.0 / feat_w, 1.0 / feat_h), dtype=offsets.dtype, device=query.device)
-        ref = reference_points(query_hw[0], query_hw[1], query.device).t()  # (2, Q)
-        locations = torch.addcmul(ref, offsets, cell[:, None])
+        locations = sampling_locations(offsets, query_hw, feat_hw)
         out = deform_sample(value, feat_hw, locations.permute(0, 4, 1, 2, 3), weights.permute(0, 3, 1, 2))
         return self.output_proj(out)

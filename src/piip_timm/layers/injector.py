@@ -1,4 +1,5 @@
 """One direction of a PIIP interaction: a branch's tokens read from another branch's grid."""
+from functools import partial
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -29,18 +30,21 @@ class Injector(nn.Module):
             with_ffn: bool = True,
             ffn_ratio: float = 0.25,
             drop_path: float = 0.0,
+            device=None,
+            dtype=None,
     ) -> None:
         super().__init__()
-        norm_layer = norm_layer or nn.Identity
-        self.query_norm = norm_layer(dim)
-        self.feat_norm = norm_layer(feat_dim)
+        dd = dict(device=device, dtype=dtype)
+        norm = partial(norm_layer, **dd) if norm_layer is not None else nn.Identity
+        self.query_norm = norm(dim)
+        self.feat_norm = norm(feat_dim)
         self.attn = DeformableCrossAttention(
-            dim, num_heads=num_heads, num_points=num_points, value_ratio=value_ratio, feat_dim=feat_dim)
-        self.attn_gamma = nn.Parameter(torch.zeros(dim))
+            dim, num_heads=num_heads, num_points=num_points, value_ratio=value_ratio, feat_dim=feat_dim, **dd)
+        self.attn_gamma = nn.Parameter(torch.zeros(dim, **dd))
         if with_ffn:
-            self.ffn_norm = norm_layer(dim)
-            self.ffn = ConvFFN(dim, int(dim * ffn_ratio))
-            self.ffn_gamma = nn.Parameter(torch.zeros(dim))
+            self.ffn_norm = norm(dim)
+            self.ffn = ConvFFN(dim, int(dim * ffn_ratio), **dd)
+            self.ffn_gamma = nn.Parameter(torch.zeros(dim, **dd))
             self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         else:
             self.ffn = None

@@ -23,18 +23,21 @@ class BidirectionalInteraction(nn.Module):
             fine_dim: int,
             project: bool = True,
             norm_layer: Optional[Callable[[int], nn.Module]] = None,
+            device=None,
+            dtype=None,
             **injector_kwargs,
     ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if project:
-            self.fine_to_coarse_proj = nn.Linear(fine_dim, coarse_dim)
-            self.coarse_to_fine_proj = nn.Linear(coarse_dim, fine_dim)
+            self.fine_to_coarse_proj = nn.Linear(fine_dim, coarse_dim, **dd)
+            self.coarse_to_fine_proj = nn.Linear(coarse_dim, fine_dim, **dd)
         else:
             self.fine_to_coarse_proj = self.coarse_to_fine_proj = None
         self.fine_to_coarse = Injector(
-            coarse_dim, coarse_dim if project else fine_dim, norm_layer=norm_layer, **injector_kwargs)
+            coarse_dim, coarse_dim if project else fine_dim, norm_layer=norm_layer, **dd, **injector_kwargs)
         self.coarse_to_fine = Injector(
-            fine_dim, fine_dim if project else coarse_dim, norm_layer=norm_layer, **injector_kwargs)
+            fine_dim, fine_dim if project else coarse_dim, norm_layer=norm_layer, **dd, **injector_kwargs)
 
     def forward(
             self,

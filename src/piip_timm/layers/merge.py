@@ -12,13 +12,16 @@ class LinearMerge(nn.Module):
     The merge of PIIP's ImageNet classifiers.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, project: bool = True, groups: int = 32) -> None:
+    def __init__(
+            self, in_dim: int, out_dim: int, project: bool = True, groups: int = 32, device=None, dtype=None,
+    ) -> None:
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if not project and in_dim != out_dim:
             raise ValueError(f'a merge without projection needs in_dim == out_dim, got {in_dim} and {out_dim}.')
-        self.norm_in = nn.GroupNorm(groups, in_dim)
-        self.proj = nn.Linear(in_dim, out_dim) if project else None
-        self.norm_out = nn.GroupNorm(groups, out_dim) if project else None
+        self.norm_in = nn.GroupNorm(groups, in_dim, **dd)
+        self.proj = nn.Linear(in_dim, out_dim, **dd) if project else None
+        self.norm_out = nn.GroupNorm(groups, out_dim, **dd) if project else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_dim, H, W) -> (B, out_dim, H, W)."""
@@ -32,12 +35,13 @@ class LinearMerge(nn.Module):
 class ConvMerge(nn.Module):
     """Two 3x3 conv-GroupNorm-ReLU layers: the merge of PIIP's detection backbones."""
 
-    def __init__(self, in_dim: int, out_dim: int, groups: int = 32) -> None:
+    def __init__(self, in_dim: int, out_dim: int, groups: int = 32, device=None, dtype=None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(groups, out_dim)
-        self.conv2 = nn.Conv2d(out_dim, out_dim, kernel_size=3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(groups, out_dim)
+        dd = dict(device=device, dtype=dtype)
+        self.conv1 = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1, bias=False, **dd)
+        self.norm1 = nn.GroupNorm(groups, out_dim, **dd)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, kernel_size=3, padding=1, bias=False, **dd)
+        self.norm2 = nn.GroupNorm(groups, out_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_dim, H, W) -> (B, out_dim, H, W)."""

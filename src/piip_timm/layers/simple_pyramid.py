@@ -18,8 +18,8 @@ class Upsample2x(nn.ConvTranspose2d):
     transposed-convolution kernel. Parameters (and state-dict keys) are ConvTranspose2d's.
     """
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, dim, kernel_size=2, stride=2)
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
+        super().__init__(dim, dim, kernel_size=2, stride=2, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
@@ -30,11 +30,11 @@ class Upsample2x(nn.ConvTranspose2d):
         return y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
 
 
-def _make_level(name: str, dim: int) -> nn.Module:
+def _make_level(name: str, dim: int, **dd) -> nn.Module:
     if name == 'up4':
-        return nn.Sequential(Upsample2x(dim), nn.GroupNorm(32, dim), nn.GELU(), Upsample2x(dim))
+        return nn.Sequential(Upsample2x(dim, **dd), nn.GroupNorm(32, dim, **dd), nn.GELU(), Upsample2x(dim, **dd))
     if name == 'up2':
-        return nn.Sequential(Upsample2x(dim))
+        return nn.Sequential(Upsample2x(dim, **dd))
     if name == 'same':
         return nn.Identity()
     if name == 'down2':
@@ -45,11 +45,13 @@ def _make_level(name: str, dim: int) -> nn.Module:
 class SimpleFeaturePyramid(nn.Module):
     """Deconvolutions up, max-pooling down, from a single feature map."""
 
-    def __init__(self, dim: int, levels: Sequence[str] = ('up4', 'up2', 'same', 'down2')) -> None:
+    def __init__(
+            self, dim: int, levels: Sequence[str] = ('up4', 'up2', 'same', 'down2'), device=None, dtype=None,
+    ) -> None:
         super().__init__()
         self.level_names = tuple(levels)
         for name in self.level_names:
-            self.add_module(name, _make_level(name, dim))
+            self.add_module(name, _make_level(name, dim, device=device, dtype=dtype))
 
     @property
     def scales(self) -> List[float]:
