@@ -553,6 +553,8 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=None, help='timing rounds (default 5, quick 1)')
     parser.add_argument('--sections', default='cost,speed,deform,breakdown',
                         help='comma-separated: cost, speed, deform, breakdown')
+    parser.add_argument('--update', action='store_true',
+                        help='keep the other sections of an existing results.json (rerun only --sections)')
     parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
     parser.add_argument('--speed-pair', type=int, metavar='PAIR', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -570,6 +572,10 @@ def main() -> None:
     torch.manual_seed(0)
     results = dict(command='python benchmarks/run.py ' + ' '.join(sys.argv[1:]), threads=args.threads,
                    device=device().type, torch=torch.__version__)
+    if args.update and (out / 'results.json').is_file():
+        previous = json.loads((out / 'results.json').read_text())
+        results = dict(previous, **{k: v for k, v in results.items() if k != 'command'})
+        results['command'] = f'{previous["command"]}; then python benchmarks/run.py ' + ' '.join(sys.argv[1:])
 
     def save(section: str, rows) -> None:
         """Write what has been measured so far: a long run that dies still leaves its finished rows."""

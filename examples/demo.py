@@ -35,7 +35,7 @@ def build(model_name: str, img_size: int, want_pretrained: bool):
             note = model.pretrained_cfg.get('notes', '')
             fresh = '; the branch merge and pyramid are freshly initialised' if 'classifier' in note else ''
             return model, f'PRETRAINED ({model_name}.{tag}: {note}{fresh})'
-        except Exception as e:  # offline, no released weights for this variant, ...
+        except ConnectionError as e:  # offline or Hub unreachable (piip_timm's HubUnavailableError); bugs propagate
             reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
             return timm.create_model(model_name, pretrained=False, **kwargs), \
                 f'RANDOM INITIALISATION (pretrained weights unavailable: {reason})'

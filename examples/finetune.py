@@ -158,7 +158,8 @@ def save_checkpoint(path: Path, model, optimizer, ema: Optional[ModelEmaV3], epo
         os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, ema: Optional[ModelEmaV3]) -> Tuple[int, int]:
+def load_checkpoint(path: Path, model, ema: Optional[ModelEmaV3]) -> Tuple[int, int, Optional[Dict]]:
+    """Model and EMA weights into the (unwrapped) model; returns epoch, step and the optimizer state, if saved."""
     from safetensors import safe_open
     tensors = load_file(str(path))
     with safe_open(str(path), 'pt') as f:
@@ -167,9 +168,8 @@ def load_checkpoint(path: Path, model, optimizer, ema: Optional[ModelEmaV3]) -> 
     target.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('model.')})
     if ema is not None and any(k.startswith('ema.') for k in tensors):
         ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith('ema.')})
-    if 'optim' in meta:
-        optimizer.load_state_dict(unflat_state('optim', tensors, meta['optim']))
-    return meta['epoch'], meta['step']
+    optim = unflat_state('optim', tensors, meta['optim']) if 'optim' in meta else None
+    return meta['epoch'], meta['step'], optim
 
 
 @torch.no_grad()
@@ -236,16 +236,21 @@ def main(argv=None) -> Dict:
                                  interpolation='bicubic', **common)
     val_loader = create_loader(val_set, batch_size=args.batch_size, crop_pct=1.0, **common)
 
-    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay,
-                                    layer_decay=args.layer_decay)
-    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                                       updates_per_epoch=len(train_loader), step_on_epochs=False)
     ema = ModelEmaV3(model, decay=args.ema) if args.ema else None
     scaler = torch.amp.GradScaler('cuda') if amp_dtype is torch.float16 else None
-    start_epoch, step = 0, 0
+    start_epoch, step, optim_state = 0, 0, None
     if args.resume:
-        start_epoch, step = load_checkpoint(Path(args.resume), model, optimizer, ema)
+        start_epoch, step, optim_state = load_checkpoint(Path(args.resume), model, ema)
+    initial_digest = weights_digest(model)  # before any update, to show that training changed the weights
     model = wrap_distributed(model, args, world, device)
+    # The optimizer comes after wrapping: FSDP2's fully_shard replaces the parameters by sharded ones, so an
+    # optimizer built before it would hold tensors that never get a gradient (and never change).
+    optimizer = create_optimizer_v2(getattr(model, 'module', model), 'adamw', lr=args.lr,
+                                    weight_decay=args.weight_decay, layer_decay=args.layer_decay)
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state)
+    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                                       updates_per_epoch=len(train_loader), step_on_epochs=False)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -288,7 +293,7 @@ def main(argv=None) -> Dict:
     result = dict(steps=step, loss_start=sum(losses[:window]) / window if losses else None,
                   loss_end=sum(losses[-window:]) / window if losses else None,
                   accuracy=accuracy, ema_accuracy=ema_accuracy, seconds=time.time() - start, world_size=world,
-                  rank=rank, weights_sha256=weights_digest(model))
+                  rank=rank, initial_weights_sha256=initial_digest, weights_sha256=weights_digest(model))
     # One line per rank (replicas must agree on weights_sha256), written at once so ranks do not interleave.
     sys.stdout.write(json.dumps(result) + '\n')
     sys.stdout.flush()

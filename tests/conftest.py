@@ -5,6 +5,12 @@ from typing import List
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run and keep no example database: a verdict does not
+# depend on earlier runs, and nothing is written into the checkout (.hypothesis/).
+settings.register_profile('piip', derandomize=True, database=None)
+settings.load_profile('piip')
 
 # The shared reference data sits beside the checkout (../shared/reference); PIIP_REFERENCE_DIR overrides.
 REFERENCE_DIR = Path(os.environ.get(

@@ -167,3 +167,67 @@ def to_original_layout(state: Dict[str, torch.Tensor], layer_scale_as_gamma: set
         else:
             raise KeyError(key)
     return out
+
+
+# The released PIIP checkpoints in OpenGVLab/PIIP, written out from the original README's download links
+# (not read from this package's tag table, so a wrong file name in the table fails to load).
+RELEASED_FILES = {
+    'piip_tsb.in1k': 'classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth',
+    'piip_sbl.in1k': 'classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth',
+    'piip_sbl.in1k_320': 'classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth',
+    'piip_tsb.coco_1120_896_448': 'detection/mask_rcnn_deit_tsb_1120_896_448_fpn_1x_coco_bs16.pth',
+    'piip_tsb.coco_1568_896_448': 'detection/mask_rcnn_deit_tsb_1568_896_448_fpn_1x_coco_bs16.pth',
+    'piip_tsb.coco_1568_1120_672': 'detection/mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_1120_672_448': 'detection/mask_rcnn_deit_sbl_1120_672_448_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_1344_896_448': 'detection/mask_rcnn_deit_sbl_1344_896_448_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_1568_896_672': 'detection/mask_rcnn_deit_sbl_1568_896_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_1568_1120_672': 'detection/mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_tsbl.coco_1344_896_672_448': 'detection/mask_rcnn_deit_tsbl_1344_896_672_448_fpn_1x_coco_bs16.pth',
+    'piip_tsbl.coco_1568_1120_672_448': 'detection/mask_rcnn_deit_tsbl_1568_1120_672_448_fpn_1x_coco_bs16.pth',
+    'piip_tsbl.coco_1792_1568_1120_448': 'detection/mask_rcnn_deit_tsbl_1792_1568_1120_448_fpn_1x_coco_bs16.pth',
+    'piip_h6b.coco_1024_512': 'detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms.pth',
+    'piip_ct_cs_cb.coco_1024_672_448': 'detection/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.pth',
+}
+_DEIT3 = {size: f'timm/deit3_{size}_patch16_224.fb_in22k_ft_in1k' for size in ('large', 'base', 'small')}
+_DEIT_T = 'timm/deit_tiny_patch16_224.fb_in1k'
+_MAE_H = 'timm/vit_huge_patch14_224.mae'
+# The Hub repositories of every branch of the tags assembled from single-model weights (coarse to fine):
+# the pretrained models the paper starts from (DeiT, DeiT III, AugReg, MAE, InternViT-6B).
+BRANCH_REPOS = {
+    'piip_tsb.deit_in1k': ('timm/deit_base_patch16_224.fb_in1k', 'timm/deit_small_patch16_224.fb_in1k', _DEIT_T),
+    'piip_tsb.deit3_in22k': (_DEIT3['base'], _DEIT3['small'], _DEIT_T),
+    'piip_sbl.augreg_in21k_ft_in1k': tuple(f'timm/vit_{size}_patch16_224.augreg_in21k_ft_in1k'
+                                           for size in ('large', 'base', 'small')),
+    'piip_sbl.deit3_in22k': (_DEIT3['large'], _DEIT3['base'], _DEIT3['small']),
+    'piip_tsbl.deit3_in22k': (_DEIT3['large'], _DEIT3['base'], _DEIT3['small'], _DEIT_T),
+    'piip_lh6b.branches': (INTERNVIT_REPO, _MAE_H, 'timm/deit3_large_patch16_384.fb_in22k_ft_in1k'),
+    'piip_h6b.branches': (INTERNVIT_REPO, _MAE_H),
+    # ConvNeXt / hybrid detectors: timm's ImageNet-1k ConvNeXts (the original's facebook/convnext-*-224), DeiT (III)
+    'piip_ct_cs_cb.branches': ('timm/convnext_base.fb_in1k', 'timm/convnext_small.fb_in1k', 'timm/convnext_tiny.fb_in1k'),
+    'piip_ct_vs_vb.branches': (_DEIT3['base'], _DEIT3['small'], 'timm/convnext_tiny.fb_in1k'),
+    'piip_ct_cs_vb.branches': (_DEIT3['base'], 'timm/convnext_small.fb_in1k', 'timm/convnext_tiny.fb_in1k'),
+    'piip_ct_vs_cb.branches': ('timm/convnext_base.fb_in1k', _DEIT3['small'], 'timm/convnext_tiny.fb_in1k'),
+    'piip_vt_cs_vb.branches': (_DEIT3['base'], 'timm/convnext_small.fb_in1k', _DEIT_T),
+    'piip_vt_cs_cb.branches': ('timm/convnext_base.fb_in1k', 'timm/convnext_small.fb_in1k', _DEIT_T),
+    'piip_vt_vs_cb.branches': ('timm/convnext_base.fb_in1k', _DEIT3['small'], _DEIT_T),
+}
+
+
+def shared_storage_state(shapes: Dict[str, List[int]], seed: int = 0, size: int = 1 << 20) -> Dict[str, torch.Tensor]:
+    """Tensors of any (full-model) shapes as views of one random buffer of ``size`` floats, so a
+    checkpoint of a multi-billion-parameter layout saves and loads in megabytes. Tensors larger than
+    the buffer repeat it along their leading dimensions."""
+    buffer = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    state = {}
+    for key, shape in shapes.items():
+        shape = tuple(shape)
+        inner, split = 1, len(shape)
+        while split and inner * shape[split - 1] <= size:
+            split -= 1
+            inner *= shape[split]
+        strides, step = [], 1
+        for dim in reversed(shape[split:]):
+            strides.insert(0, step)
+            step *= dim
+        state[key] = buffer.as_strided(shape, [0] * split + strides)
+    return state

@@ -63,3 +63,23 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     return model
+
+
+def branch_summary(cfg) -> dict:
+    """A branch config in JSON form with the effective per-block windows and pos-embed grid (two
+    configs that build the same branch compare equal, however they spell it)."""
+    from dataclasses import asdict
+    summary = asdict(cfg)
+    summary.update(window_size=list(cfg.block_windows()), pos_embed_grid=cfg.grid,
+                   block_ranges=[list(r) for r in cfg.block_ranges])
+    return summary
+
+
+def architecture(model: PIIP) -> dict:
+    """What a built PIIP model is made of, as JSON: branches, interactions, heads and tensor shapes."""
+    from dataclasses import asdict
+    return dict(
+        branches=[branch_summary(b) for b in model.branch_cfgs], interaction=asdict(model.interaction_cfg),
+        head=model.head_style, merge=model.merge_style, num_classes=model.num_classes,
+        pyramid=list(model.pyramid.level_names) if model.pyramid is not None else None,
+        global_pool=model.global_pool, shapes={k: list(v.shape) for k, v in model.state_dict().items()})

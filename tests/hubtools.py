@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 class LocalHub:
     """Serves ``root/<org>/<name>/<path>`` with the Hub's resolve protocol:
     ``HEAD|GET /<org>/<name>/resolve/<revision>/<path>`` with X-Repo-Commit / ETag / Content-Length
-    headers, and 404s carrying X-Error-Code (RepoNotFound, EntryNotFound) like the real Hub."""
+    headers, and 404s carrying X-Error-Code (RepoNotFound, EntryNotFound) like the real Hub.
+    ``failing``: repositories answered with a status (e.g. 503) instead. ``requests`` records every request."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, failing: Optional[Dict[str, int]] = None):
         self.root = Path(root)
+        self.failing = dict(failing or {})
         self.requests: List[str] = []
         hub = self
 
@@ -44,6 +46,8 @@ class LocalHub:
                 if len(parts) < 5 or parts[2] != 'resolve':
                     return self._error(404, 'RepoNotFound')
                 repo, filename = '/'.join(parts[:2]), '/'.join(parts[4:])
+                if repo in hub.failing:
+                    return self._error(hub.failing[repo], 'ServiceUnavailable')
                 repo_dir = hub.root / repo
                 if not repo_dir.is_dir():
                     return self._error(404, 'RepoNotFound')
@@ -137,10 +141,10 @@ def run_python(code: str, endpoint: str, hf_home: Path, extra_env: Optional[Dict
     for key in list(env):
         if key.startswith('HF_') or key.startswith('HUGGINGFACE'):
             del env[key]
+    # This checkout's package first (not whichever piip_timm the interpreter has installed), then the test helpers.
+    path = [str(ROOT / 'src'), str(ROOT / 'tests')] + [p for p in [env.get('PYTHONPATH')] if p]
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY='1',
-               HF_HUB_DISABLE_PROGRESS_BARS='1',
-               # this checkout's package first, whatever copy an editable install points at
-               PYTHONPATH=os.pathsep.join([str(ROOT / 'src'), str(ROOT / 'tests')]))
+               HF_HUB_DISABLE_PROGRESS_BARS='1', PYTHONPATH=os.pathsep.join(path))
     env.update(extra_env or {})
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=timeout)
 

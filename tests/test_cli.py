@@ -1,14 +1,20 @@
 """The piip-timm command line."""
+import json
 import subprocess
 import sys
 from importlib import resources
 
+import numpy as np
 import pytest
-from safetensors.torch import load_file
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from piip_timm.cli import main
 from piip_timm.variants import PRETRAINED
 
+from helpers import perturb
 from test_examples import TINY_TSB
 
 
@@ -55,6 +61,29 @@ def test_features_writes_one_file_per_image(tmp_path, capsys):
         tensors = load_file(str(tmp_path / 'out' / f'{stem}.safetensors'))
         assert {k: tuple(v.shape) for k, v in tensors.items()} == {
             'stride_4': (96, 32, 32), 'stride_8': (96, 16, 16), 'stride_16': (96, 8, 8), 'stride_32': (96, 4, 4)}
+
+
+def test_features_are_the_pyramid_of_the_normalised_image(tmp_path):
+    """The saved levels equal the model's pyramid of the image normalised with ImageNet's mean and std
+    (a 128 px image at --img-size 128: no resize, no crop), level by level."""
+    kwargs = json.loads(TINY_TSB)
+    model = perturb(timm.create_model('piip_tsb', merge='conv', pyramid=['up4', 'up2', 'same', 'down2'],
+                                      **kwargs)).eval()
+    weights = tmp_path / 'weights.safetensors'
+    save_file(model.state_dict(), str(weights))
+    pixels = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'image.png')  # lossless
+    args = json.dumps(dict(kwargs, pretrained_cfg_overlay=dict(file=str(weights))))
+    assert main(['features', 'piip_tsb', str(tmp_path / 'image.png'), '--out', str(tmp_path / 'out'),
+                 '--img-size', '128', '--model-args', args, '--quiet']) == 0
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = ((torch.from_numpy(pixels).float() / 255 - mean) / std).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        levels = model.forward_intermediates(x, intermediates_only=True)
+    saved = load_file(str(tmp_path / 'out' / 'image.safetensors'))
+    assert sorted(saved) == ['stride_16', 'stride_32', 'stride_4', 'stride_8']
+    for stride, level in zip((4, 8, 16, 32), levels):
+        assert torch.allclose(saved[f'stride_{stride}'], level[0], atol=1e-5, rtol=1e-4), stride
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -17,37 +17,39 @@ from safetensors.torch import load_file, save_file
 
 import piip_timm
 from piip_timm.convert import convert_original_state_dict
-from piip_timm.convnext_branch import ConvNeXtBranchCfg
-from piip_timm.hub import convert_internvit_hf_state_dict
 from piip_timm.original import translate_original_config
+from piip_timm.convnext_branch import ConvNeXtBranchCfg
 from piip_timm.piip import PIIP, InteractionCfg
 from piip_timm.variants import PRETRAINED, PIIP_REPO
 
 from conftest import REFERENCE_DIR, load_case
-from fixtures import (INTERNVIT_REPO, branch_dicts, internvit_hf_weights, internvit_repo_files,
-                      pretrained_tiny_branches, random_like, released_classifier_file, released_detector_file,
-                      save_safetensors_bytes, timm_branch_weights, to_original_layout)
+from fixtures import (BRANCH_REPOS, INTERNVIT_REPO, RELEASED_FILES, branch_dicts, internvit_hf_weights,
+                      internvit_repo_files, pretrained_tiny_branches, random_like, released_classifier_file,
+                      released_detector_file, save_safetensors_bytes, timm_branch_weights, to_original_layout)
 from hubtools import HungServer, LocalHub, dead_endpoint, run_python
 
 TINY_INTERACTION = dict(num_heads=4)
-# Reference cases (run through the original code) that stand in for each released file's weights
-# (paths below the reference folder).
-CASE_FOR_FILE = {
-    'classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth': 'cases/cls3_sephead',
-    'classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth': 'cases/cls3_augreg',
-    'classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth': 'cases/cls3_augreg',
-    'detection/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.pth': 'convnext/cases/det3_cnn_ctcscb',
-}
-RELEASED = [(v, t, tag) for v, tags in PRETRAINED.items() for t, tag in tags.items() if tag.file]
-BRANCH_TAGS = [(v, t, tag) for v, tags in PRETRAINED.items() for t, tag in tags.items() if tag.branch_sources]
+# The Hub is filled from the file names and repositories written out in fixtures.py (not from the tag
+# table), so a wrong name in the table fails to load.
+RELEASED = sorted(RELEASED_FILES)
+BRANCH_TAGS = sorted(BRANCH_REPOS)
+# Reference cases (run through the original code) that stand in for each released file's weights (paths below
+# the reference folder).
+CASE_FOR_TAG = {'piip_tsb.in1k': 'cases/cls3_sephead', 'piip_sbl.in1k': 'cases/cls3_augreg',
+                'piip_sbl.in1k_320': 'cases/cls3_augreg', 'piip_ct_cs_cb.coco_1024_672_448': 'convnext/cases/det3_cnn_ctcscb'}
 
 
-def case_for(tag) -> str:
-    if tag.file in CASE_FOR_FILE:
-        return CASE_FOR_FILE[tag.file]
-    if '_tsbl_' in tag.file:
+def tag_of(name: str):
+    variant, tag = name.split('.')
+    return PRETRAINED[variant][tag]
+
+
+def case_for(name: str) -> str:
+    if name in CASE_FOR_TAG:
+        return CASE_FOR_TAG[name]
+    if name.startswith('piip_tsbl.coco'):
         return 'cases/det4'
-    if '_tsb_' in tag.file or '_sbl_' in tag.file:
+    if name.startswith(('piip_tsb.coco', 'piip_sbl.coco')):
         return 'cases/det3'
     return ''  # H6B: no reference case; a tiny twin in the original layout
 
@@ -71,29 +73,29 @@ def hub(tmp_path_factory):
     """A local Hub holding every repository the pretrained tags read, plus the expected weights."""
     root = tmp_path_factory.mktemp('hub')
     server = LocalHub(root)
-    for variant, name, tag in RELEASED:
-        case = case_for(tag)
+    for name in RELEASED:
+        case = case_for(name)
         if case:
             _, state, _, _ = load_case(REFERENCE_DIR / f'{case}.json')
         else:
             _, _, state = h6b_twin()
-        data = released_classifier_file(state) if tag.is_classifier else released_detector_file(state)
-        server.add(PIIP_REPO, tag.file, data)
+        filename = RELEASED_FILES[name]
+        data = released_classifier_file(state) if filename.startswith('classification/') else \
+            released_detector_file(state)
+        server.add(PIIP_REPO, filename, data)
     branch_weights = {}
-    for variant, name, tag in BRANCH_TAGS:
-        for i, (source, cfg) in enumerate(zip(tag.branch_sources, pretrained_tiny_branches(tag.arch.branches))):
-            if str(source) in branch_weights:
+    for name in BRANCH_TAGS:
+        for repo, cfg in zip(BRANCH_REPOS[name], pretrained_tiny_branches(tag_of(name).arch.branches)):
+            if repo in branch_weights:
                 continue
-            if source.timm_model:
-                import timm
-                weights = timm_branch_weights(source.timm_model, cfg, seed=len(branch_weights))
-                repo = timm.models.get_pretrained_cfg(source.timm_model).hf_hub_id
-                server.add(repo, 'model.safetensors', save_safetensors_bytes(weights))
-            else:
+            if repo == INTERNVIT_REPO:
                 weights = internvit_hf_weights(cfg, seed=len(branch_weights))
                 for filename, data in internvit_repo_files(weights).items():
                     server.add(INTERNVIT_REPO, filename, data)
-            branch_weights[str(source)] = weights
+            else:  # timm/<architecture>.<pretrained tag>
+                weights = timm_branch_weights(repo.split('/')[1], cfg, seed=len(branch_weights))
+                server.add(repo, 'model.safetensors', save_safetensors_bytes(weights))
+            branch_weights[repo] = weights
     with server:
         yield server, branch_weights
 
@@ -128,9 +130,9 @@ def released_results(hub, tmp_path_factory):
     server, _ = hub
     work = tmp_path_factory.mktemp('released')
     jobs = []
-    for variant, name, tag in RELEASED:
-        case = case_for(tag)
-        job = dict(name=f'{variant}.{name}', out=str(work / f'{variant}.{name}.safetensors'))
+    for name in RELEASED:
+        case = case_for(name)
+        job = dict(name=name, out=str(work / f'{name}.safetensors'))
         if case:
             config, _, x, _ = load_case(REFERENCE_DIR / f'{case}.json')
             kwargs, returned = translate_original_config(config['constructor_kwargs'], config['task'],
@@ -148,21 +150,30 @@ def released_results(hub, tmp_path_factory):
             job['input'] = str(inputs)
         else:
             branches, _, _ = h6b_twin()
-            kwargs = dict(branches=branch_dicts(branches), interaction=tiny_interaction(tag), features_only=True)
+            kwargs = dict(branches=branch_dicts(branches), interaction=tiny_interaction(tag_of(name)),
+                          features_only=True)
         job['kwargs'] = kwargs
         jobs.append(job)
+    # An ImageNet classifier as a backbone at another resolution: features_only=True, img_size=160 (96 in the
+    # file). pos_embed_grid=None, as in the tags' own branches: the grid follows img_size, so the released
+    # pos_embeds are resized on load.
+    torch.save(torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(3)), work / 'x160.pt')
+    jobs.append(dict(name='piip_sbl.in1k', out=str(work / 'piip_sbl.in1k.features_160.safetensors'),
+                     input=str(work / 'x160.pt'), kwargs=sephead_architecture(
+                         'cls3_augreg', pos_embed_grid=None, features_only=True, img_size=160,
+                         pretrained_cfg_overlay=dict(num_classes=10))))
     home = work / 'hf_home'
     result = load_in_subprocess(jobs, server.endpoint, home)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, home
 
 
-@pytest.mark.parametrize('variant, name, tag', RELEASED, ids=[f'{v}.{t}' for v, t, _ in RELEASED])
-def test_released_checkpoint_loads_through_timm_with_every_tensor_converted(released_results, variant, name, tag):
+@pytest.mark.parametrize('name', RELEASED)
+def test_released_checkpoint_loads_through_timm_with_every_tensor_converted(released_results, name):
     work, _ = released_results
-    tensors = load_file(str(work / f'{variant}.{name}.safetensors'))
+    tensors = load_file(str(work / f'{name}.safetensors'))
     state = {k[len('state.'):]: v for k, v in tensors.items() if k.startswith('state.')}
-    case = case_for(tag)
+    case = case_for(name)
     if case:
         _, original, _, outputs = load_case(REFERENCE_DIR / f'{case}.json')
     else:
@@ -181,10 +192,10 @@ def test_released_checkpoint_loads_through_timm_with_every_tensor_converted(rele
 def branch_results(hub, tmp_path_factory):
     server, _ = hub
     work = tmp_path_factory.mktemp('branches')
-    jobs = [dict(name=f'{v}.{t}', out=str(work / f'{v}.{t}.safetensors'),
-                 kwargs=dict(branches=branch_dicts(pretrained_tiny_branches(tag.arch.branches)),
-                             interaction=tiny_interaction(tag)))
-            for v, t, tag in BRANCH_TAGS]
+    jobs = [dict(name=name, out=str(work / f'{name}.safetensors'),
+                 kwargs=dict(branches=branch_dicts(pretrained_tiny_branches(tag_of(name).arch.branches)),
+                             interaction=tiny_interaction(tag_of(name))))
+            for name in BRANCH_TAGS]
     result = load_in_subprocess(jobs, server.endpoint, work / 'hf_home')
     assert result.returncode == 0, result.stderr[-3000:]
     return work
@@ -201,15 +212,32 @@ def independent_pos_resample(pos, target_grid, keep_slot):
     return torch.cat((pos[:, :1], resized), 1) if keep_slot and slot else resized
 
 
-@pytest.mark.parametrize('variant, name, tag', BRANCH_TAGS, ids=[f'{v}.{t}' for v, t, _ in BRANCH_TAGS])
-def test_branch_weights_are_assembled_from_the_branch_repos(hub, branch_results, variant, name, tag):
+def internvit_as_timm_vit(hf: dict) -> dict:
+    """transformers' InternVisionModel keys -> timm ViT keys, written out for the test: the embeddings are
+    renamed, block tensors keep their names under blocks.{i}, layer scales gain timm's .gamma suffix."""
+    embeddings = {'embeddings.class_embedding': 'cls_token', 'embeddings.position_embedding': 'pos_embed',
+                  'embeddings.patch_embedding.weight': 'patch_embed.proj.weight',
+                  'embeddings.patch_embedding.bias': 'patch_embed.proj.bias'}
+    out = {}
+    for key, value in hf.items():
+        if key in embeddings:
+            out[embeddings[key]] = value
+        else:
+            _, _, layer, rest = key.split('.', 3)  # encoder.layers.{i}.{rest}
+            out[f'blocks.{layer}.{rest}.gamma' if rest in ('ls1', 'ls2') else f'blocks.{layer}.{rest}'] = value
+    return out
+
+
+@pytest.mark.parametrize('name', BRANCH_TAGS)
+def test_branch_weights_are_assembled_from_the_branch_repos(hub, branch_results, name):
     _, sources = hub
+    tag = tag_of(name)
     state = {k[len('state.'):]: v for k, v in
-             load_file(str(branch_results / f'{variant}.{name}.safetensors')).items() if k.startswith('state.')}
+             load_file(str(branch_results / f'{name}.safetensors')).items() if k.startswith('state.')}
     branches = pretrained_tiny_branches(tag.arch.branches)
-    for i, (source, cfg) in enumerate(zip(tag.branch_sources, branches)):
-        raw = sources[str(source)]
-        weights = raw if source.timm_model else convert_internvit_hf_state_dict(raw)
+    for i, (repo, cfg) in enumerate(zip(BRANCH_REPOS[name], branches)):
+        raw = sources[repo]
+        weights = internvit_as_timm_vit(raw) if repo == INTERNVIT_REPO else raw
         prefix = f'branches.{i}.'
         if isinstance(cfg, ConvNeXtBranchCfg):  # timm's own names: every tensor but the classifier, bit-equal
             assert {prefix + k for k in weights if not k.startswith('head.')} == {k for k in state if
@@ -241,11 +269,38 @@ def test_branch_weights_are_assembled_from_the_branch_repos(hub, branch_results,
     assert gammas and all(torch.count_nonzero(g) == 0 for g in gammas)  # fresh interactions start as no-ops
 
 
-def sephead_architecture(**extra) -> dict:
-    """create_model kwargs for the cls3_sephead case's (TSB-like) architecture."""
-    case = load_case(REFERENCE_DIR / 'cases' / 'cls3_sephead.json')[0]
+def sephead_architecture(case: str = 'cls3_sephead', pos_embed_grid=-1, **extra) -> dict:
+    """create_model kwargs for a classification case's architecture (by default cls3_sephead, TSB-like), with
+    ``pos_embed_grid`` for every branch if given."""
+    case = load_case(REFERENCE_DIR / 'cases' / f'{case}.json')[0]
     kwargs, _ = translate_original_config(case['constructor_kwargs'], 'cls')
-    return dict(branches=branch_dicts(kwargs['branches']), interaction=vars(kwargs['interaction']), **extra)
+    branches = branch_dicts(kwargs['branches'])
+    if pos_embed_grid != -1:
+        branches = [dict(b, pos_embed_grid=pos_embed_grid) for b in branches]
+    return dict(branches=branches, interaction=vars(kwargs['interaction']), **extra)
+
+
+def test_released_classifier_loads_as_a_backbone_at_another_resolution(released_results):
+    """features_only=True and img_size=160 on the 96 px classifier: its weights, pos_embeds resized by the
+    original's rule to the new grids (class slot kept), a fresh merge and pyramid, the heads and final norms
+    pruned."""
+    work, _ = released_results
+    tensors = load_file(str(work / 'piip_sbl.in1k.features_160.safetensors'))
+    state = {k[len('state.'):]: v for k, v in tensors.items() if k.startswith('state.')}
+    _, original, _, _ = load_case(REFERENCE_DIR / 'cases' / 'cls3_augreg.json')
+    original = convert_original_state_dict(original)
+    grids = [round(size * 160 / 96) // 16 for size in (48, 64, 96)]  # the case's branch sizes, scaled to 160
+    assert grids == [5, 6, 10]
+    for i, grid in enumerate(grids):
+        key = f'branches.{i}.pos_embed'
+        assert torch.equal(state[key], independent_pos_resample(original[key], grid, keep_slot=True)), key
+    kept = {k for k in original if not k.endswith('pos_embed')} & set(state)
+    assert all(torch.equal(state[k], original[k]) for k in kept)
+    assert {k.split('.')[0] for k in set(state) - set(original)} == {'merges', 'branch_weights', 'pyramid'}
+    assert set(original) - set(state) == {k for k in original if k.startswith('head.') or '.norm.' in k}
+    outputs = [tensors[f'output.{i}'] for i in range(4)]
+    assert [tuple(o.shape) for o in outputs] == [(1, 64, 40, 40), (1, 64, 20, 20), (1, 64, 10, 10), (1, 64, 5, 5)]
+    assert all(torch.isfinite(o).all() for o in outputs)
 
 
 def load_offline(name, kwargs, home, out):
@@ -312,6 +367,34 @@ def test_offline_without_cache_says_so(tmp_path):
     message, elapsed = _fail('piip_tsbl.coco_1344_896_672_448', dead_endpoint(), tmp_path, env={'HF_HUB_OFFLINE': '1'})
     assert 'HF_HUB_OFFLINE' in message and 'mask_rcnn_deit_tsbl_1344_896_672_448' in message
     assert elapsed < 5
+
+
+def test_the_reachability_check_sends_one_metadata_request_per_repository_and_never_retries(tmp_path):
+    with LocalHub(tmp_path / 'hub', failing={'flaky/repo': 503}) as server:
+        server.add('timm/first', 'model.safetensors', b'1')
+        server.add('timm/second', 'model.safetensors', b'2')
+        server.add('OpenGVLab/PIIP', 'other.pth', b'3')
+        code = textwrap.dedent('''
+            from piip_timm.hub import HubFile, HubUnavailableError, check_hub_files
+            check_hub_files([HubFile('timm/first', 'model.safetensors'), HubFile('timm/first', 'open_clip.bin'),
+                             HubFile('timm/second', 'model.safetensors'), HubFile('timm/first', 'config.json'),
+                             HubFile('OpenGVLab/PIIP', 'not/there.pth')])
+            print('reachable', flush=True)
+            try:
+                check_hub_files([HubFile('flaky/repo', 'model.safetensors'), HubFile('flaky/repo', 'x.bin')])
+            except HubUnavailableError as e:
+                print('unavailable:', e)
+        ''')
+        result = run_python(code, server.endpoint, tmp_path / 'home')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == 'reachable'
+    assert result.stdout.splitlines()[1].startswith('unavailable: could not reach') and 'flaky/repo' in result.stdout
+    assert server.requests == [
+        'HEAD /timm/first/resolve/main/model.safetensors',
+        'HEAD /timm/second/resolve/main/model.safetensors',
+        'HEAD /OpenGVLab/PIIP/resolve/main/not/there.pth',  # answered (EntryNotFound): the endpoint is up
+        'HEAD /flaky/repo/resolve/main/model.safetensors',  # 503 once: no retry, no second file
+    ]
 
 
 class Payload:
@@ -432,7 +515,7 @@ def test_create_piip_loads_every_branch_through_timms_hub_loader(hub, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_file(str(out))
     for i, name in enumerate(names):
-        weights = sources[name]
+        weights = sources[f'timm/{name}']
         for key, value in weights.items():
             if key.startswith(('blocks.', 'stages.', 'stem.')):
                 assert torch.equal(state[f'branches.{i}.{key}'], value), key

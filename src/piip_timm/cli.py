@@ -184,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ConnectionError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing files, existing outputs, Hub, disk
         print(f'piip-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
 

@@ -51,11 +51,17 @@ def convert_checkpoint(
     model: nn.Module = built.model if task == 'det' else built
     model.pretrained_cfg = _pretrained_cfg(model, returned)
 
+    from safetensors import SafetensorError
     from timm.models._hub import save_for_hf
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
-        save_for_hf(model, str(staging), model_args=model_args(model), safe_serialization=True)
+        try:
+            save_for_hf(model, str(staging), model_args=model_args(model), safe_serialization=True)
+        except (OSError, SafetensorError) as e:  # disk full, file-size or quota limits, ...
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OSError(f'could not write the converted model beside {str(out_dir)!r} ({reason}); '
+                          'nothing was written; check the space and limits there and convert again.') from e
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old.', dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)

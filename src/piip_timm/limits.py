@@ -10,16 +10,39 @@ __all__ = ['available_memory', 'check_fits']
 _PROBE_ABOVE_BYTES = 1 << 30
 
 
+def _proc_field(path: str, name: str) -> Optional[int]:
+    """A ``name: <n> kB`` field of a /proc file, in bytes (None when absent)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        for line in f:
+            if line.startswith(name + ':'):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _address_space_left() -> Optional[int]:
+    """Bytes this process may still map under its address-space limit (``ulimit -v``); None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    used = _proc_field('/proc/self/status', 'VmSize')
+    if soft == resource.RLIM_INFINITY or used is None:
+        return None
+    return max(soft - used, 0)
+
+
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes a new allocation can use now: free GPU memory, or Linux's MemAvailable; None when unknown."""
+    """Bytes a new allocation can use now: free GPU memory; on CPU the smaller of Linux's MemAvailable and
+    what the process's address-space limit leaves; None when unknown."""
     if device.type == 'cuda':
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == 'cpu' and os.path.exists('/proc/meminfo'):
-        with open('/proc/meminfo') as f:
-            for line in f:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    return None
+    if device.type != 'cpu':
+        return None
+    known = [b for b in (_proc_field('/proc/meminfo', 'MemAvailable'), _address_space_left()) if b is not None]
+    return min(known) if known else None
 
 
 def check_fits(required_bytes: int, device: torch.device, what: str) -> None:
