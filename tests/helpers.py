@@ -70,8 +70,12 @@ def branch_summary(cfg) -> dict:
     configs that build the same branch compare equal, however they spell it)."""
     from dataclasses import asdict
     summary = asdict(cfg)
-    summary.update(window_size=list(cfg.block_windows()), pos_embed_grid=cfg.grid,
-                   block_ranges=[list(r) for r in cfg.block_ranges])
+    summary.update(block_ranges=[list(r) for r in cfg.block_ranges])
+    if cfg.kind == 'convnext':  # whether the unused final norm is kept is a matter of the state dict
+        summary.update(dims=list(cfg.dims), depths=list(cfg.depths))
+        del summary['head_norm']
+    else:
+        summary.update(window_size=list(cfg.block_windows()), pos_embed_grid=cfg.grid)
     return summary
 
 

@@ -20,6 +20,7 @@ class FeatureLevels(nn.ModuleList):
             raise ValueError(f'output levels can scale maps by {sorted(names)}, not {unknown}.')
         super().__init__([_make_level(names[s], d, device=device, dtype=dtype) for s, d in zip(scales, dims)])
         self.scales = tuple(scales)
+        self.level_names = tuple(names[s] for s in scales)
 
     def forward(self, maps: Sequence[torch.Tensor], indices: Sequence[int]) -> List[torch.Tensor]:
         """Levels ``indices`` of ``maps`` (one map per level)."""
