@@ -263,3 +263,21 @@ def test_classifier_intermediates_follow_the_finest_convnext_and_prune_at_any_st
     assert features.shape[-1] == pruned.branches[0].layer_widths[-1]
     (pruned.forward_intermediates(x, indices=[2], intermediates_only=True)[0].sum() + features.sum()).backward()
     assert [n for n, p in pruned.named_parameters() if p.grad is None] == []
+
+
+def test_fx_traces_a_regular_fpn_model_at_any_size():
+    """torch.fx traces the ConvNeXt layers, the intermediate merges and the output levels (sizes as graph values)."""
+    dense = timm.create_model('piip_vt_cs_cb', features_only=True, **case_model_kwargs('det3_hybrid_vtcscb'))
+    perturb(dense.model).eval()
+    traced = torch.fx.symbolic_trace(dense)
+    for size in ((168, 192), (176, 160)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(traced(x), dense(x)))
+
+
+def test_names_moved_out_of_piip_py_still_import_with_a_warning():
+    import piip_timm.piip as old
+    for name, module in (('VARIANTS', 'variants'), ('PRETRAINED', 'variants'), ('checkpoint_filter_fn', 'convert')):
+        with pytest.warns(DeprecationWarning, match=f'piip_timm.{module}.{name}'):
+            assert getattr(old, name) is getattr(getattr(piip_timm, module), name)
