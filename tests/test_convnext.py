@@ -281,3 +281,15 @@ def test_names_moved_out_of_piip_py_still_import_with_a_warning():
     for name, module in (('VARIANTS', 'variants'), ('PRETRAINED', 'variants'), ('checkpoint_filter_fn', 'convert')):
         with pytest.warns(DeprecationWarning, match=f'piip_timm.{module}.{name}'):
             assert getattr(old, name) is getattr(getattr(piip_timm, module), name)
+
+
+def test_converted_original_checkpoint_loads_from_a_folder(tmp_path):
+    """convert_checkpoint on a ConvNeXt hybrid (architectures given as pretrained_configs) -> local-dir: loads
+    strictly and gives the original's outputs."""
+    case, state, x, expected = load_case(CASES / 'det3_hybrid_vtcscb.json')
+    piip_timm.convert_checkpoint(case['constructor_kwargs'], 'det', state, tmp_path / 'converted',
+                                 pretrained_configs=case['pretrained_configs'])
+    model = timm.create_model(f'local-dir:{tmp_path / "converted"}', pretrained=True, features_only=True).eval()
+    with torch.no_grad():
+        outs = model(x)
+    assert all(output_tolerance_ok(o, ref) for o, ref in zip(outs, expected))

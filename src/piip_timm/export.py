@@ -3,7 +3,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from torch import nn
 
@@ -36,18 +36,20 @@ def convert_checkpoint(
         checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
         out_dir: Union[str, os.PathLike],
         overwrite: bool = False,
+        pretrained_configs: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Convert an original PIIP checkpoint into a folder timm can load (``local-dir:``), push or serve.
 
-    The checkpoint is loaded strictly through :func:`piip_timm.from_original`; the folder appears
-    complete or not at all (written beside it, then renamed).
+    The checkpoint is loaded strictly through :func:`piip_timm.from_original` (``pretrained_configs``:
+    the architectures of ConvNeXt branches with other than the real model names, as there); the folder
+    appears complete or not at all (written beside it, then renamed).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f'{str(out_dir)!r} exists; choose another output folder or pass overwrite=True.')
     backbone = read_backbone_config(config) if isinstance(config, (str, os.PathLike)) else dict(config)
-    _, returned = translate_original_config(backbone, task)
-    built = from_original(backbone, task, checkpoint=checkpoint)
+    _, returned = translate_original_config(backbone, task, pretrained_configs)
+    built = from_original(backbone, task, checkpoint=checkpoint, pretrained_configs=pretrained_configs)
     model: nn.Module = built.model if task == 'det' else built
     model.pretrained_cfg = _pretrained_cfg(model, returned)
 
