@@ -364,7 +364,10 @@ def from_original(
     Args:
         config: ``model['backbone']`` of an original config file (``type`` may be left in).
         task: ``'cls'``: the module's forward returns logits; ``'det'``: it returns the list of
-            feature maps the mmdet backbone returns.
+            feature maps the mmdet backbone returns; ``'llava_vision_tower'``: ``config`` is a PIIP-LLaVA
+            ``model['backbone']``, the forward returns the two branch maps; ``'llava_projector'``: ``config`` is
+            ``{'config': model['projector'], 'out_dim': LLM width}``, the forward maps the two maps to image
+            tokens (see ``piip_timm.llava``).
         checkpoint: optional weights in the original layout (or this package's): a state dict, or a path to a ``.pth``/``.bin``
             (loaded with ``weights_only=True``) or ``.safetensors`` file; ``model``/``state_dict``/``module``
             wrappers and mmdet's ``backbone.`` prefix are accepted. Loading is strict.
@@ -372,6 +375,9 @@ def from_original(
             ``facebook/convnext-*`` models: ``{name: {'hidden_sizes': [...], 'depths': [...]}}`` (the original
             loads the architecture with the weights, so the config does not hold it).
     """
+    if task in ('llava_vision_tower', 'llava_projector'):
+        from .llava import from_original_llava
+        return from_original_llava(config, task, checkpoint, pretrained_configs)
     kwargs, returned = translate_original_config(config, task, pretrained_configs)
     model = PIIP(**kwargs)
     if checkpoint is not None:

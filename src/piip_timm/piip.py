@@ -107,7 +107,8 @@ class PIIP(nn.Module):
         interaction: interaction-unit hyper-parameters.
         head: ``'separate'``: every branch keeps its final norm and has its own linear head,
             logits are their mean (PIIP's ImageNet classifiers; ViT branches only); ``'merged'``: norm,
-            average pool and one linear head on the merged map; None: a pure backbone (the detectors).
+            average pool and one linear head on the merged map; None: a pure backbone (the detectors;
+            with ``merge=None`` too, the branches' own final maps: the PIIP-LLaVA vision towers).
         merge: how branches are merged onto the finest grid: ``'linear'`` (GroupNorm/Linear, the
             ImageNet classifiers), ``'conv'`` (two conv-GroupNorm-ReLU, the simple-pyramid detectors) or
             ``'single_conv'`` (one conv-GroupNorm-ReLU, none on the coarsest branch: the regular-FPN
@@ -128,8 +129,9 @@ class PIIP(nn.Module):
             ``device='meta'`` builds the structure without allocating.
 
     ``feature_info`` / ``forward_intermediates``: with a pyramid, its levels; with out_interactions,
-    the merged maps at their output strides; otherwise the finest branch's token map after each
-    interaction step (like timm's ViTs, one level per step of the network).
+    the merged maps at their output strides; with neither head nor merge (``head=None, merge=None``:
+    the PIIP-LLaVA vision towers), every branch's final map, finest first; otherwise the finest branch's token map
+    after each interaction step (like timm's ViTs, one level per step of the network).
     """
 
     def __init__(
@@ -156,13 +158,16 @@ class PIIP(nn.Module):
         if any(len(b.block_ranges) != num_interactions for b in branches):
             raise ValueError('every branch needs one block range per interaction; got '
                              f'{[len(b.block_ranges) for b in branches]}.')
-        if head != 'separate' and merge is None:
+        if head == 'merged' and merge is None:
             raise ValueError(f"head={head!r} needs a merge ('linear', 'conv' or 'single_conv').")
         if (pyramid is not None or out_interactions is not None) and merge is None:
             raise ValueError("dense outputs (a pyramid or out_interactions) need a merge ('conv' or 'single_conv').")
         if pyramid is not None and out_interactions is not None:
             raise ValueError('give either a simple pyramid or out_interactions, not both.')
         self.interaction_cfg = interaction
+        # No head and no merge: the output is every branch's own map after the last interaction
+        # (what the PIIP-LLaVA towers hand to their projector).
+        self.branch_maps = head is None and merge is None
         self.head_style = head
         self.merge_style = merge
         self.num_classes = num_classes
@@ -225,6 +230,14 @@ class PIIP(nn.Module):
             self.pyramid = FeatureLevels([s / t for s, t in zip(strides, targets)], widths, **dd)
             self.feature_info = [dict(num_chs=w, reduction=t, module=f'pyramid.{j}')
                                  for j, (w, t) in enumerate(zip(widths, targets))]
+        elif self.branch_maps:
+            # Finest branch first: timm's feature levels go from the smallest stride to the largest.
+            self.pyramid = None
+            self.feature_info = [
+                dict(num_chs=w, reduction=_input_stride(b.layer_strides[-1], r), module=f'branches.{i}')
+                for i, w, b, r in reversed(list(zip(range(len(branches)), self.embed_dims, self.branches,
+                                                    self.image_ratios)))
+            ]
         else:
             self.pyramid = None
             finest = self.branches[-1]
@@ -243,7 +256,7 @@ class PIIP(nn.Module):
         elif head is None:
             if num_classes:
                 raise ValueError(f'a model without head (head=None) needs num_classes=0, got {num_classes}.')
-            self.num_features = self.head_hidden_size = out_dim
+            self.num_features = self.head_hidden_size = sum(self.embed_dims) if self.branch_maps else out_dim
             self.norm = nn.Identity()
         else:
             raise ValueError(f"head must be 'separate', 'merged' or None, got {head!r}.")
@@ -458,6 +471,8 @@ class PIIP(nn.Module):
         return merged + [self.merge_branches(tokens, grids)]
 
     def _head_features(self, tokens, prefixes, grids) -> Union[torch.Tensor, List[torch.Tensor]]:
+        if self.branch_maps:
+            return [token_map(t, hw) for t, hw in zip(tokens, grids)]
         if self.head_style == 'separate':
             return [
                 branch.norm(t if p is None else torch.cat((p, t), dim=1))
@@ -468,7 +483,9 @@ class PIIP(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Separate heads: per-branch normalised tokens (prefix + patches), like timm's CrossViT.
-        Merged head: normalised tokens of the merged map, (B, H*W, C)."""
+        Merged head: normalised tokens of the merged map, (B, H*W, C). No head and no merge (the
+        PIIP-LLaVA towers): every branch's (B, C_i, H_i, W_i) map after the last interaction, coarsest
+        first, without final norm or prefix tokens."""
         tokens, prefixes, grids = self.forward_branches(x)
         return self._head_features(tokens, prefixes, grids)
 
@@ -480,6 +497,11 @@ class PIIP(nn.Module):
         return x[:, num_prefix:].mean(dim=1)
 
     def forward_head(self, x: Union[torch.Tensor, List[torch.Tensor]], pre_logits: bool = False) -> torch.Tensor:
+        if self.branch_maps:  # each branch map averaged, concatenated
+            if not self.global_pool:
+                return x
+            x = self.head_drop(torch.cat([m.mean(dim=(2, 3)) for m in x], dim=1))
+            return x if pre_logits else self.head(x)
         if self.head_style == 'separate':
             if not self.global_pool:
                 return x
@@ -511,7 +533,9 @@ class PIIP(nn.Module):
         merged maps (``norm``/``stop_early`` change nothing). Without one they are the finest
         branch's tokens after each interaction step; ``stop_early`` then stops after the last step
         asked for (the features returned are those of that step), and ``norm`` applies the finest
-        branch's final norm (classifiers with separate heads have one).
+        branch's final norm (classifiers with separate heads have one). Without head and merge they
+        are the branches' final maps, finest first (``forward_features`` gives them coarsest first;
+        ``norm``/``stop_early`` change nothing).
         ``indices``: positions in ``feature_info`` (an int n: the last n).
         """
         if output_fmt not in ('NCHW', 'NHWC'):
@@ -520,6 +544,10 @@ class PIIP(nn.Module):
         if isinstance(self.pyramid, SimpleFeaturePyramid):
             tokens, prefixes, grids = self.forward_branches(x)
             intermediates = self.pyramid(self.merge_branches(tokens, grids), take_indices)
+        elif self.branch_maps:
+            tokens, prefixes, grids = self.forward_branches(x)
+            maps = self._head_features(tokens, prefixes, grids)
+            intermediates = [maps[::-1][i] for i in take_indices]
         elif self.pyramid is not None:
             tokens, prefixes, grids, _, merged = self._forward_steps(x)
             intermediates = self.pyramid(merged + [self.merge_branches(tokens, grids)], take_indices)
@@ -545,7 +573,7 @@ class PIIP(nn.Module):
         norms (``prune_norm``) and, for per-step levels, the interaction steps after the last one kept
         (with their layers). Pyramid levels all need every branch, so nothing else is pruned for them."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        if self.pyramid is None:
+        if self.pyramid is None and not self.branch_maps:
             self._keep_steps(max_index + 1)
         if prune_head:
             self.reset_classifier(0, '')
@@ -586,6 +614,12 @@ class PIIP(nn.Module):
             for module in rebuilt:
                 module.apply(_init_neck_weights)
         self.reset_classifier(self.num_classes)
+
+
+def _input_stride(stride: int, image_ratio: float) -> Union[int, float]:
+    """Input pixels per token of a branch whose image is the input scaled by ``image_ratio``."""
+    reduction = stride / min(image_ratio, 1.0)
+    return int(reduction) if float(reduction).is_integer() else reduction
 
 
 def _is_fx_symbolic_tracing() -> bool:

@@ -1,0 +1,149 @@
+"""PIIP-LLaVA (TPAMI 2025): vision towers and the separate_2branch_v1 projector against the original code's
+outputs (reference cases) and full-size structure (manifests, meta device)."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import piip_timm
+from piip_timm.llava import UNUSED_BRANCH_PARTS, convert_llava_projector_state_dict, \
+    convert_llava_tower_state_dict, projector_from_config
+
+from conftest import REFERENCE_DIR
+
+LLAVA = REFERENCE_DIR / 'llava'
+CASES = ('llava2_clip_bl', 'llava2_convnext_clip')
+MANIFESTS = sorted(p.stem for p in (LLAVA / 'manifests').glob('llava_*.json'))
+
+
+def load_llava_case(name: str):
+    """(case json, tower weights, projector weights, all tensors) of a reference case."""
+    case = json.loads((LLAVA / 'cases' / f'{name}.json').read_text())
+    tensors = load_file(str(LLAVA / 'cases' / f'{name}.safetensors'))
+
+    def under(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return case, under('state_dict.'), under('projector.'), tensors
+
+
+def manifest(stem: str) -> dict:
+    return json.loads((LLAVA / 'manifests' / f'{stem}.json').read_text())
+
+
+def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape
+    error = (out - ref).abs().max().item()
+    assert error <= 1e-5 * ref.abs().max().item(), f'max error {error:.3g} vs max|ref| {ref.abs().max().item():.3g}'
+
+
+def test_reference_data_present():
+    assert len(MANIFESTS) == 9, f'expected the 9 PIIP-LLaVA manifests in {LLAVA / "manifests"}, got {MANIFESTS}'
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_tower_reproduces_original(name):
+    case, tower_state, _, tensors = load_llava_case(name)
+    tower = piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower', checkpoint=tower_state,
+                                    pretrained_configs=case['pretrained_configs']).eval()
+    with torch.no_grad():
+        outputs = tower(tensors['input'])
+    assert len(outputs) == 2
+    for i, out in enumerate(outputs):
+        assert_close_to_reference(out, tensors[f'output.{i}'])
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_projector_reproduces_original(name):
+    case, _, projector_state, tensors = load_llava_case(name)
+    projector = piip_timm.from_original(case['projector_kwargs'], 'llava_projector', checkpoint=projector_state)
+    with torch.no_grad():
+        tokens = projector(tensors['output.0'], tensors['output.1'])
+    assert list(tokens.shape) == case['projector_output_shape']
+    assert_close_to_reference(tokens, tensors['projector_output'])
+    assert sum(p.numel() for p in projector.parameters()) == case['projector_num_params']
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_tower_drops_exactly_the_unused_parameters(name):
+    """The conversion drops what the original's forward never uses (the case lists the parameters that got
+    no gradient there) and nothing else; the tower holds every other parameter."""
+    case, tower_state, _, _ = load_llava_case(name)
+    converted = convert_llava_tower_state_dict(tower_state)
+    dropped = sum(tower_state[k].numel() for k in case['params_without_grad_in_forward'])
+    assert sum(v.numel() for v in converted.values()) == case['num_params'] - dropped
+    # the same count again from the built model (the tower loaded strictly above holds exactly these)
+    tower = piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower',
+                                    pretrained_configs=case['pretrained_configs'])
+    assert sum(p.numel() for p in tower.parameters()) == case['num_params'] - dropped
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_tower_gradients_reach_every_parameter(name):
+    case, tower_state, _, tensors = load_llava_case(name)
+    tower = piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower', checkpoint=tower_state,
+                                    pretrained_configs=case['pretrained_configs']).eval()
+    outputs = tower(tensors['input'])
+    sum(o.square().mean() for o in outputs).backward()
+    no_grad = [n for n, p in tower.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert no_grad == []
+
+
+def test_tower_outputs_in_timm_idiom():
+    """forward_features: the maps, coarsest branch first (the original's order); forward_intermediates /
+    features_only: the same maps in timm's order of increasing stride; forward: pooled features."""
+    case, tower_state, _, tensors = load_llava_case('llava2_clip_bl')
+    model = piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower', checkpoint=tower_state,
+                                    pretrained_configs=case['pretrained_configs']).model.eval()
+    x = tensors['input']
+    with torch.no_grad():
+        maps = model.forward_features(x)
+        final, levels = model.forward_intermediates(x)
+        pooled = model(x)
+    assert [f['num_chs'] for f in model.feature_info] == [48, 56]
+    assert [f['reduction'] for f in model.feature_info] == [8, 8 / 0.875]
+    assert torch.equal(levels[0], maps[1]) and torch.equal(levels[1], maps[0])
+    assert all(torch.equal(a, b) for a, b in zip(final, maps))
+    assert torch.allclose(pooled, torch.cat([tensors['output.0'].mean((2, 3)), tensors['output.1'].mean((2, 3))], 1),
+                          atol=1e-5 * pooled.abs().max().item())
+    assert model.num_features == pooled.shape[1] == 56 + 48
+
+
+@pytest.mark.parametrize('stem', MANIFESTS)
+def test_manifest_full_size_structure(stem):
+    """Every released tower and projector on the meta device: the original's keys converted give exactly
+    the tower's tensors and shapes (the unused ones dropped), and the parameter counts are the manifest's."""
+    m = manifest(stem)
+    with torch.device('meta'):
+        tower = piip_timm.from_original(m['constructor_kwargs'], 'llava_vision_tower',
+                                        pretrained_configs=m['pretrained_configs']).model
+        original = {k: torch.empty(s) for k, s in m['keys'].items()}
+        projector = projector_from_config(m['projector_config'], m['projector_out_dim'])
+        original_projector = {k: torch.empty(s) for k, s in m['projector_keys'].items()}
+    converted = convert_llava_tower_state_dict(original)
+    ours = tower.state_dict()
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    count = sum(p.numel() for p in tower.parameters())
+    assert count == m['num_params_used_in_forward'] == m['num_params'] - m['unused_in_forward_params']
+    unused = sorted(k for k in original if UNUSED_BRANCH_PARTS.match(_package_key(k)))
+    assert unused == sorted(m['unused_in_forward_keys'])
+    assert [list(o.shape) for o in _meta_outputs(tower, m)] == m['output_shapes_for_batch1']
+    assert sum(p.numel() for p in projector.parameters()) == m['projector_params']
+    projector_shapes = {k: tuple(v.shape) for k, v in convert_llava_projector_state_dict(original_projector).items()}
+    assert projector_shapes == {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+
+
+def _package_key(original_key: str) -> str:
+    """Where an original branch key lands before the unused parts are dropped (branch index and timm name)."""
+    m = re.match(r'^branch(\d)\.(clip_model|convnext_model)\.(.+)$', original_key)
+    if m is None:
+        return original_key
+    rest = m.group(3).replace('post_layernorm.', 'norm.')
+    return f'branches.{int(m.group(1)) - 1}.{rest}'
+
+
+def _meta_outputs(tower, m):
+    with torch.device('meta'):
+        size = m['input_image_size']
+        return tower.forward_features(torch.empty(1, 3, size, size))
