@@ -147,3 +147,52 @@ def _meta_outputs(tower, m):
     with torch.device('meta'):
         size = m['input_image_size']
         return tower.forward_features(torch.empty(1, 3, size, size))
+
+
+# Written out from the original README's model table: tower tag -> the config it was trained with.
+TAG_CONFIGS = {
+    'piip_llava_clip_bl_512_256.llava_7b': 'piip-llava_clip-bl_512-256_7B',
+    'piip_llava_clip_bl_512_448.llava_7b': 'piip-llava_clip-bl_512-448_7B',
+    'piip_llava_clip_bl_512_448.llava_13b': 'piip-llava_clip-bl_512-448_13B',
+    'piip_llava_convnext_b_clip_l_640_224.llava_7b': 'piip-llava_convnext-b_clip-l_640-224_7B',
+    'piip_llava_convnext_b_clip_l_1024_336.llava_7b': 'piip-llava_convnext-b_clip-l_1024-336_7B',
+    'piip_llava_convnext_b_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-b_clip-l_1024-336_13B',
+    'piip_llava_convnext_l_clip_l_1024_336.llava_7b': 'piip-llava_convnext-l_clip-l_1024-336_7B',
+    'piip_llava_convnext_l_clip_l_1024_336.llava_plus_7b': 'piip-llava-plus_convnext-l_clip-l_1024-336_7B',
+    'piip_llava_convnext_l_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-l_clip-l_1024-336_13B',
+}
+# The single models behind each original ``pretrained`` name: timm tags, or the transformers repo itself.
+BRANCH_WEIGHTS = {
+    'openai/clip-vit-base-patch16': 'vit_base_patch16_clip_quickgelu_224.openai',
+    'OpenGVLab/clip-vit-large-patch14to16-224': 'OpenGVLab/clip-vit-large-patch14to16-224',
+    'OpenGVLab/clip-vit-large-patch14to16-336': 'OpenGVLab/clip-vit-large-patch14to16-336',
+    'convnext_base.clip_laiona_augreg_320': 'convnext_base.clip_laiona_augreg_320',
+    'convnext_large_mlp.clip_laion2b_ft_320': 'convnext_large_mlp.clip_laion2b_ft_320',
+}
+
+
+def test_every_released_model_has_a_tag():
+    from piip_timm.llava import TOWER_TAGS
+    released = {f'{v}.{n}' for v, tags in TOWER_TAGS.items() for n, t in tags.items() if t.repo}
+    assert released == set(TAG_CONFIGS)
+    assert len(TOWER_TAGS) == 7
+
+
+@pytest.mark.parametrize('tag', sorted(TAG_CONFIGS))
+def test_tag_is_the_architecture_it_was_released_with(tag):
+    """The registered tower, its Hub repository, language-model width and branch-weight sources against the
+    original config (the reference manifest) of the released model."""
+    from piip_timm.llava import TOWER_TAGS, TOWERS, translate_llava_config
+    m = manifest(f'llava_{TAG_CONFIGS[tag]}')
+    variant, name = tag.split('.')
+    expected = translate_llava_config(m['constructor_kwargs'], m['pretrained_configs'])
+    assert TOWERS[variant].branches == tuple(expected['branches'])
+    assert TOWERS[variant].interaction == expected['interaction']
+    assert (TOWER_TAGS[variant][name].repo, TOWER_TAGS[variant][name].llm_width) == (m['hub_repo'], m['llm_hidden_size'])
+    sources = [str(s) for s in TOWER_TAGS[variant]['branches'].branch_sources]
+    assert sources == [BRANCH_WEIGHTS[m['constructor_kwargs'][b]['pretrained']] for b in ('branch1', 'branch2')]
+    import timm
+    cfg = timm.models.get_pretrained_cfg(tag)
+    size = m['input_image_size']
+    assert (cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct) == ((3, size, size), (0.485, 0.456, 0.406),
+                                                                 (0.229, 0.224, 0.225), 1.0)

@@ -12,6 +12,7 @@ from .export import convert_checkpoint
 from .hub import HubUnavailableError
 from .piip import PIIP, BranchCfg, InteractionCfg, even_block_ranges
 from . import variants  # registers the models
+from . import llava  # registers the PIIP-LLaVA vision towers
 
 __all__ = [
     'PIIP', 'BranchCfg', 'ConvNeXtBranchCfg', 'InteractionCfg', 'even_block_ranges', 'create_piip', 'from_original',

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -116,8 +116,12 @@ def _load_timm_weights(name: str) -> Dict[str, torch.Tensor]:
 _INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
 
 
-def load_sharded_state_dict(repo_id: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a transformers repository whose weights are split in shards listed by an index."""
+def load_sharded_state_dict(repo_id: str, keep: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
+    """All tensors of a transformers repository whose weights are split in shards listed by an index.
+
+    ``keep``: only the tensors whose names it accepts, read from only the shards the index lists for
+    them (the other shards, e.g. a multimodal model's language model, are never downloaded).
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     index_path = None
@@ -133,20 +137,33 @@ def load_sharded_state_dict(repo_id: str) -> Dict[str, torch.Tensor]:
         weight_map = json.load(f).get('weight_map')
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f'{repo_id}/{os.path.basename(index_path)} has no weight_map.')
+    if keep is not None:
+        weight_map = {k: v for k, v in weight_map.items() if keep(k)}
+        if not weight_map:
+            raise ValueError(f'{repo_id}/{os.path.basename(index_path)} lists none of the tensors this model needs.')
     state: Dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         try:
             shard_path = hf_hub_download(repo_id, shard)
         except EntryNotFoundError as e:
             raise FileNotFoundError(f'{repo_id}: the index lists shard {shard!r}, which the repository does not have.') from e
-        tensors = load_checkpoint_file(shard_path)
         expected = {k for k, v in weight_map.items() if v == shard}
+        tensors = load_checkpoint_file(shard_path) if keep is None else _load_selected(shard_path, expected)
         if set(tensors) != expected:
             raise ValueError(
                 f'{repo_id}/{shard} does not hold what the index says: missing {sorted(expected - set(tensors))[:5]}, '
                 f'unexpected {sorted(set(tensors) - expected)[:5]}.')
         state.update(tensors)
     return state
+
+
+def _load_selected(path: str, names: set) -> Dict[str, torch.Tensor]:
+    """The tensors ``names`` of a weight file (of a safetensors file, only those are read)."""
+    if path.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(path, framework='pt', device='cpu') as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k in names}
+    return {k: v for k, v in load_checkpoint_file(path).items() if k in names}
 
 
 _INTERNVIT_LAYER = re.compile(r'^encoder\.layers\.(\d+)\.(.+)$')

@@ -12,22 +12,28 @@ and the projector config) and the conversion of its checkpoints (tower under
 """
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .branch import BlockRanges, even_block_ranges
 from .clip_branch import CLIPBranchCfg, hf_clip_state_dict
-from .convert import convert_original_state_dict
-from .convnext_branch import ConvNeXtBranchCfg, convnext_layer_strides
+from .convert import checkpoint_filter_fn, convert_original_state_dict
+from .convnext_branch import CONVNEXT_SIZES, ConvNeXtBranchCfg, convnext_layer_strides
+from .hub import _INDEX_FILES as INDEX_FILES
+from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict, load_sharded_state_dict
 from .layers.llava_projector import BranchMapProjector
-from .piip import PIIP, InteractionCfg
+from .piip import PIIP, BranchSpec, InteractionCfg
+from .variants import CONVNEXT_SB_RANGES, VariantCfg, _cfg, as_branch_cfg, customize_branches, requested_tag
 from .weights import load_checkpoint_file, load_strict
 
 __all__ = ['LLAVA_TASKS', 'TOWER_PREFIX', 'PROJECTOR_PREFIX', 'KNOWN_CLIP', 'translate_llava_config',
            'convert_llava_tower_state_dict', 'convert_llava_projector_state_dict', 'projector_from_config',
-           'from_original_llava', 'VisionTower']
+           'from_original_llava', 'VisionTower', 'TOWERS', 'TOWER_TAGS', 'create_llava_projector']
 
 LLAVA_TASKS = ('llava_vision_tower', 'llava_projector')
 TOWER_PREFIX = 'model.vision_tower.vision_tower.'
@@ -264,3 +270,279 @@ class VisionTower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return self.model.forward_features(x)
+
+
+# --------------------------------------------------------------------------- variants and tags
+def clip_l_branch(img_size: int, pretrain_size: int, block_ranges: BlockRanges) -> CLIPBranchCfg:
+    """The OpenGVLab patch-16 CLIP-L (``clip-vit-large-patch14to16-{224,336}``) on ``img_size`` px."""
+    return CLIPBranchCfg(img_size=img_size, embed_dim=1024, depth=24, num_heads=16, block_ranges=block_ranges,
+                         pos_embed_grid=pretrain_size // 16)
+
+
+def clip_b_branch(img_size: int, block_ranges: BlockRanges) -> CLIPBranchCfg:
+    """OpenAI CLIP-B/16 (224 px pretraining) on ``img_size`` px."""
+    return CLIPBranchCfg(img_size=img_size, embed_dim=768, depth=12, num_heads=12, block_ranges=block_ranges,
+                         pos_embed_grid=14)
+
+
+def convnext_tower_branch(size: str, img_size: int, block_ranges: BlockRanges) -> ConvNeXtBranchCfg:
+    """ConvNeXt-B (``convnext_base``) or ConvNeXt-L (``convnext_large_mlp``, head MLP unused) on ``img_size`` px."""
+    dims, depths = CONVNEXT_SIZES[size]
+    return ConvNeXtBranchCfg(img_size=img_size, dims=dims, depths=depths, block_ranges=block_ranges)
+
+
+# The original configs' interaction settings (all nine llava/configs/*.py).
+TOWER_INTERACTION = InteractionCfg(num_heads=16, num_points=4, value_ratio=0.5, with_ffn=True, ffn_ratio=0.25,
+                                   drop_path=0.4)
+# ConvNeXt counted-layer ranges of the 24-interaction (13B) configs: each of the 12-interaction ranges in two.
+CONVNEXT_24_RANGES = (
+    (0, 1), (2, 2), (3, 4), (5, 6), (7, 9), (10, 10), (11, 12), (13, 13), (14, 15), (16, 16), (17, 18), (19, 19),
+    (20, 21), (22, 22), (23, 24), (25, 25), (26, 27), (28, 28), (29, 30), (31, 31), (32, 33), (34, 34), (35, 36),
+    (37, 38))
+HALVES_12, HALVES_24 = even_block_ranges(12, 2), even_block_ranges(24, 2)
+
+
+def tower(*branches: BranchSpec) -> VariantCfg:
+    return VariantCfg(branches=tuple(branches), interaction=TOWER_INTERACTION, head=None, merge=None)
+
+
+# The seven distinct towers of the nine released PIIP-LLaVA models (llava/configs/*.py), coarsest branch first.
+TOWERS: Dict[str, VariantCfg] = {
+    'piip_llava_clip_bl_512_256': tower(clip_l_branch(256, 224, HALVES_24), clip_b_branch(512, HALVES_12)),
+    'piip_llava_clip_bl_512_448': tower(clip_l_branch(448, 336, even_block_ranges(24, 12)),
+                                        clip_b_branch(512, even_block_ranges(12, 12))),
+    'piip_llava_convnext_b_clip_l_640_224': tower(clip_l_branch(224, 224, HALVES_24),
+                                                  convnext_tower_branch('B', 640, ((0, 19), (20, 38)))),
+    'piip_llava_convnext_b_clip_l_1024_336': tower(clip_l_branch(336, 336, even_block_ranges(24, 12)),
+                                                   convnext_tower_branch('B', 1024, CONVNEXT_SB_RANGES)),
+    'piip_llava_convnext_b_clip_l_1024_336_13b': tower(clip_l_branch(336, 336, even_block_ranges(24, 24)),
+                                                       convnext_tower_branch('B', 1024, CONVNEXT_24_RANGES)),
+    'piip_llava_convnext_l_clip_l_1024_336': tower(clip_l_branch(336, 336, even_block_ranges(24, 12)),
+                                                   convnext_tower_branch('L', 1024, CONVNEXT_SB_RANGES)),
+    'piip_llava_convnext_l_clip_l_1024_336_13b': tower(clip_l_branch(336, 336, even_block_ranges(24, 24)),
+                                                       convnext_tower_branch('L', 1024, CONVNEXT_24_RANGES)),
+}
+
+CLIP_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+
+@dataclass(frozen=True)
+class CLIPRepo:
+    """A transformers ``CLIPVisionModel`` / ``CLIPModel`` repository (the OpenGVLab patch-16 CLIP-L models)."""
+    repo_id: str
+
+    def hub_files(self) -> List[HubFile]:
+        return [HubFile(self.repo_id, CLIP_FILES[0])]
+
+    def load(self) -> Dict[str, torch.Tensor]:
+        """The vision weights in timm's CLIP ViT keys (safetensors, else the pickled weights-only file)."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+        for filename in CLIP_FILES:
+            try:
+                return hf_clip_state_dict(load_checkpoint_file(hf_hub_download(self.repo_id, filename)))
+            except EntryNotFoundError:
+                continue
+        raise FileNotFoundError(f'{self.repo_id} has neither {" nor ".join(CLIP_FILES)}.')
+
+    def __str__(self) -> str:
+        return self.repo_id
+
+
+CLIP_L_224, CLIP_L_336 = (CLIPRepo(f'OpenGVLab/clip-vit-large-patch14to16-{s}') for s in (224, 336))
+CLIP_B = BranchSource(timm_model='vit_base_patch16_clip_quickgelu_224.openai')
+CONVNEXT_B = BranchSource(timm_model='convnext_base.clip_laiona_augreg_320')
+CONVNEXT_L = BranchSource(timm_model='convnext_large_mlp.clip_laion2b_ft_320')
+
+
+@dataclass(frozen=True)
+class TowerTag:
+    """A pretrained tower: a released PIIP-LLaVA model (``repo``, its language model's width), or
+    per-branch sources (the single models the original started from; interactions fresh)."""
+    repo: Optional[str] = None
+    llm_width: Optional[int] = None
+    branch_sources: Tuple[Union[BranchSource, CLIPRepo], ...] = ()
+    notes: str = ''
+
+    def hub_files(self) -> List[HubFile]:
+        if self.repo:
+            return [HubFile(self.repo, name) for name in INDEX_FILES[:1]]
+        return [f for s in self.branch_sources for f in s.hub_files()]
+
+    def load_tower(self) -> Dict[str, torch.Tensor]:
+        """The tower's weights: the original layout of a released model (only the shards holding it are
+        downloaded), or the branches' single-model weights under ``branches.{i}.``."""
+        if self.repo:
+            return load_sharded_state_dict(self.repo, keep=lambda k: k.startswith(TOWER_PREFIX))
+        return {f'branches.{i}.{k}': v for i, s in enumerate(self.branch_sources)
+                for k, v in (s.load() if isinstance(s, CLIPRepo) else load_branch_state_dict(s)).items()}
+
+
+def _released(name: str, llm_width: int, notes: str) -> TowerTag:
+    return TowerTag(repo=f'OpenGVLab/{name}', llm_width=llm_width, notes=notes)
+
+
+VICUNA_7B, VICUNA_13B = 4096, 5120
+# variant -> tag -> weights; the first tag is what pretrained=True gives.
+TOWER_TAGS: Dict[str, Dict[str, TowerTag]] = {
+    'piip_llava_clip_bl_512_256': {
+        'llava_7b': _released('PIIP-LLaVA_CLIP-BL_512-256_7B', VICUNA_7B, 'PIIP-LLaVA-7B vision tower'),
+        'branches': TowerTag(branch_sources=(CLIP_L_224, CLIP_B), notes='CLIP-L/16, CLIP-B/16 branches'),
+    },
+    'piip_llava_clip_bl_512_448': {
+        'llava_7b': _released('PIIP-LLaVA_CLIP-BL_512-448_7B', VICUNA_7B, 'PIIP-LLaVA-7B vision tower'),
+        'llava_13b': _released('PIIP-LLaVA_CLIP-BL_512-448_13B', VICUNA_13B, 'PIIP-LLaVA-13B vision tower'),
+        'branches': TowerTag(branch_sources=(CLIP_L_336, CLIP_B), notes='CLIP-L/16-336, CLIP-B/16 branches'),
+    },
+    'piip_llava_convnext_b_clip_l_640_224': {
+        'llava_7b': _released('PIIP-LLaVA_ConvNeXt-B_CLIP-L_640-224_7B', VICUNA_7B, 'PIIP-LLaVA-7B vision tower'),
+        'branches': TowerTag(branch_sources=(CLIP_L_224, CONVNEXT_B), notes='CLIP-L/16, CLIP ConvNeXt-B branches'),
+    },
+    'piip_llava_convnext_b_clip_l_1024_336': {
+        'llava_7b': _released('PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_7B', VICUNA_7B, 'PIIP-LLaVA-7B vision tower'),
+        'branches': TowerTag(branch_sources=(CLIP_L_336, CONVNEXT_B), notes='CLIP-L/16-336, CLIP ConvNeXt-B branches'),
+    },
+    'piip_llava_convnext_b_clip_l_1024_336_13b': {
+        'llava_13b': _released('PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_13B', VICUNA_13B, 'PIIP-LLaVA-13B vision tower'),
+        'branches': TowerTag(branch_sources=(CLIP_L_336, CONVNEXT_B), notes='CLIP-L/16-336, CLIP ConvNeXt-B branches'),
+    },
+    'piip_llava_convnext_l_clip_l_1024_336': {
+        'llava_7b': _released('PIIP-LLaVA_ConvNeXt-L_CLIP-L_1024-336_7B', VICUNA_7B, 'PIIP-LLaVA-7B vision tower'),
+        'llava_plus_7b': _released('PIIP-LLaVA-Plus_ConvNeXt-L_CLIP-L_1024-336_7B', VICUNA_7B,
+                                   'PIIP-LLaVA-Plus-7B vision tower (more training data)'),
+        'branches': TowerTag(branch_sources=(CLIP_L_336, CONVNEXT_L), notes='CLIP-L/16-336, CLIP ConvNeXt-L branches'),
+    },
+    'piip_llava_convnext_l_clip_l_1024_336_13b': {
+        'llava_13b': _released('PIIP-LLaVA_ConvNeXt-L_CLIP-L_1024-336_13B', VICUNA_13B, 'PIIP-LLaVA-13B vision tower'),
+        'branches': TowerTag(branch_sources=(CLIP_L_336, CONVNEXT_L), notes='CLIP-L/16-336, CLIP ConvNeXt-L branches'),
+    },
+}
+
+
+def tower_filter_fn(state_dict: Dict[str, Any], model: PIIP) -> Dict[str, torch.Tensor]:
+    """A released PIIP-LLaVA tower (original layout, under its LLaVA prefix or not), this package's layout, or
+    assembled branch weights -> a complete state dict for ``model``."""
+    return checkpoint_filter_fn(convert_llava_tower_state_dict(state_dict), model)
+
+
+def _branch_spec(cfg: Union[BranchSpec, Mapping[str, Any]]) -> BranchSpec:
+    """A branch config, or its dict (kind 'clip', 'vit' or 'convnext')."""
+    if isinstance(cfg, Mapping) and cfg.get('kind') == 'clip':
+        cfg = dict(cfg, block_ranges=tuple(tuple(r) for r in cfg['block_ranges']))
+        return CLIPBranchCfg(**cfg)
+    return as_branch_cfg(cfg)
+
+
+def _create_tower(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
+    name = requested_tag(kwargs, TOWER_TAGS[variant])
+    tag = TOWER_TAGS[variant].get(name)
+    spec = TOWERS[variant]
+    branches = customize_branches(
+        [_branch_spec(b) for b in kwargs.pop('branches', None) or spec.branches],
+        kwargs.pop('img_size', None), -1, kwargs.pop('drop_path_rate', None))
+    interaction = kwargs.pop('interaction', spec.interaction)
+    if isinstance(interaction, Mapping):
+        interaction = InteractionCfg(**interaction)
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if pretrained and not any(overlay.get(k) for k in ('file', 'state_dict', 'url')):
+        if tag is None:
+            raise ValueError(f'{variant} has no pretrained tag {name!r}; choose one of {sorted(TOWER_TAGS[variant])}.')
+        check_hub_files(tag.hub_files())
+        kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=tag.load_tower())
+    model = build_model_with_cfg(
+        PIIP, variant, pretrained, pretrained_filter_fn=tower_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1)),
+        branches=branches, interaction=interaction, head=None, merge=None, **kwargs)
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
+        cfg['state_dict'] = None  # do not keep a second copy of the weights alive
+    return model
+
+
+def _tower_cfg(variant: str, tag: TowerTag) -> Dict[str, Any]:
+    """The tower's pretrained cfg: the original's preprocessing (square image of branch 2's size, ImageNet
+    mean/std also for CLIP branches; timm's 'border' crop pads like LLaVA's image_aspect_ratio='pad')."""
+    arch = TOWERS[variant]
+    if tag.repo:
+        source = dict(hf_hub_id=tag.repo, notes=f'{tag.notes}; language-model width {tag.llm_width}')
+    else:
+        source = dict(notes=f'{tag.notes} (from {", ".join(str(s) for s in tag.branch_sources)}); the rest fresh')
+    return _cfg(arch, num_classes=0, classifier=None, crop_mode='border', license=None,
+                paper_ids='arXiv:2501.07783', **source)
+
+
+default_cfgs = generate_default_cfgs({
+    f'{variant}.{name}': _tower_cfg(variant, tag) for variant, tags in TOWER_TAGS.items() for name, tag in tags.items()
+})
+
+
+def create_llava_projector(
+        name: str,
+        pretrained: bool = False,
+        out_dim: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+) -> BranchMapProjector:
+    """The ``separate_2branch_v1`` projector of a tower tag (``'piip_llava_clip_bl_512_448.llava_7b'``):
+    tower maps -> image tokens of the language model's width (the tag's, or ``out_dim``).
+
+    ``pretrained``: the released model's projector (only the shards holding it are downloaded).
+    """
+    variant, _, tag_name = name.partition('.')
+    if variant not in TOWERS:
+        raise ValueError(f'{variant!r} is not a PIIP-LLaVA tower; choose one of {sorted(TOWERS)}.')
+    tag = TOWER_TAGS[variant].get(tag_name or next(iter(TOWER_TAGS[variant])))
+    out_dim = out_dim or (tag.llm_width if tag is not None else None)
+    if out_dim is None:
+        raise ValueError(f'{name} is no released PIIP-LLaVA model; give out_dim (the language model\'s width).')
+    widths = tuple(b.final_width for b in TOWERS[variant].branches)
+    projector = BranchMapProjector(widths, out_dim, device=device, dtype=dtype)
+    if pretrained:
+        if tag is None or not tag.repo:
+            raise ValueError(f'{name} has no released projector; use one of the llava_* tags or pretrained=False.')
+        check_hub_files(tag.hub_files())
+        state = load_sharded_state_dict(tag.repo, keep=lambda k: k.startswith(PROJECTOR_PREFIX))
+        load_strict(projector, convert_llava_projector_state_dict(state))
+    return projector
+
+
+@register_model
+def piip_llava_clip_bl_512_256(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16 on 256 px, CLIP-B/16 on 512 px, 2 interactions (PIIP-LLaVA-7B tower)."""
+    return _create_tower('piip_llava_clip_bl_512_256', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_llava_clip_bl_512_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16-336 on 448 px, CLIP-B/16 on 512 px, 12 interactions (7B and 13B towers)."""
+    return _create_tower('piip_llava_clip_bl_512_448', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_llava_convnext_b_clip_l_640_224(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16 on 224 px, ConvNeXt-B on 640 px, 2 interactions (7B tower)."""
+    return _create_tower('piip_llava_convnext_b_clip_l_640_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_llava_convnext_b_clip_l_1024_336(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16-336 on 336 px, ConvNeXt-B on 1024 px, 12 interactions (7B tower)."""
+    return _create_tower('piip_llava_convnext_b_clip_l_1024_336', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_llava_convnext_b_clip_l_1024_336_13b(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16-336 on 336 px, ConvNeXt-B on 1024 px, 24 interactions (13B tower)."""
+    return _create_tower('piip_llava_convnext_b_clip_l_1024_336_13b', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_llava_convnext_l_clip_l_1024_336(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16-336 on 336 px, ConvNeXt-L on 1024 px, 12 interactions (7B, Plus-7B towers)."""
+    return _create_tower('piip_llava_convnext_l_clip_l_1024_336', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def piip_llava_convnext_l_clip_l_1024_336_13b(pretrained: bool = False, **kwargs) -> PIIP:
+    """CLIP-L/16-336 on 336 px, ConvNeXt-L on 1024 px, 24 interactions (13B tower)."""
+    return _create_tower('piip_llava_convnext_l_clip_l_1024_336_13b', pretrained=pretrained, **kwargs)

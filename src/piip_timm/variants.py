@@ -376,16 +376,21 @@ def entry_point_name(model: 'PIIP') -> str:
     return 'piip_tsb'
 
 
-def _resolve_tag(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], Optional[PretrainedTag]]:
-    """The pretrained tag a create_model call refers to (the variant's first tag by default)."""
+def requested_tag(kwargs: Mapping[str, Any], tags: Mapping[str, Any]) -> Optional[str]:
+    """The pretrained tag a create_model call names (the first of ``tags`` by default)."""
     cfg = kwargs.get('pretrained_cfg')
     if isinstance(cfg, str):
-        tag = cfg
-    elif cfg is not None:
-        tag = cfg.get('tag') if isinstance(cfg, Mapping) else getattr(cfg, 'tag', None)
-    else:
-        tag = next(iter(PRETRAINED.get(variant, {})), None)
-    return tag, PRETRAINED.get(variant, {}).get(tag)
+        return cfg
+    if cfg is not None:
+        return cfg.get('tag') if isinstance(cfg, Mapping) else getattr(cfg, 'tag', None)
+    return next(iter(tags), None)
+
+
+def _resolve_tag(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], Optional[PretrainedTag]]:
+    """The pretrained tag a create_model call refers to (the variant's first tag by default)."""
+    tags = PRETRAINED.get(variant, {})
+    tag = requested_tag(kwargs, tags)
+    return tag, tags.get(tag)
 
 
 def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:

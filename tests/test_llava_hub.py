@@ -1,0 +1,200 @@
+"""PIIP-LLaVA weights through timm's pretrained machinery and the real hf_hub_download, against a local Hub.
+
+The released models are sharded LLaVA checkpoints: the tower under ``model.vision_tower.vision_tower.``, the
+projector under ``model.mm_projector.``, beside the language model. The local Hub serves them in that layout
+(an index and three shards, the first holding only language-model tensors), at full size (views of one small
+storage, loaded on the meta device) and as the reference cases' original-code weights (run and compared).
+"""
+import io
+import json
+import textwrap
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from piip_timm.llava import convert_llava_tower_state_dict, translate_llava_config
+
+from conftest import REFERENCE_DIR
+from fixtures import shared_storage_state
+from hubtools import LocalHub, run_python
+
+LLAVA = REFERENCE_DIR / 'llava'
+TOWER, PROJECTOR = 'model.vision_tower.vision_tower.', 'model.mm_projector.'
+# Written out from the original README's model table: tag -> the config (manifest) it was trained with.
+RELEASED = {
+    'piip_llava_clip_bl_512_256.llava_7b': 'piip-llava_clip-bl_512-256_7B',
+    'piip_llava_clip_bl_512_448.llava_7b': 'piip-llava_clip-bl_512-448_7B',
+    'piip_llava_clip_bl_512_448.llava_13b': 'piip-llava_clip-bl_512-448_13B',
+    'piip_llava_convnext_b_clip_l_640_224.llava_7b': 'piip-llava_convnext-b_clip-l_640-224_7B',
+    'piip_llava_convnext_b_clip_l_1024_336.llava_7b': 'piip-llava_convnext-b_clip-l_1024-336_7B',
+    'piip_llava_convnext_b_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-b_clip-l_1024-336_13B',
+    'piip_llava_convnext_l_clip_l_1024_336.llava_7b': 'piip-llava_convnext-l_clip-l_1024-336_7B',
+    'piip_llava_convnext_l_clip_l_1024_336.llava_plus_7b': 'piip-llava-plus_convnext-l_clip-l_1024-336_7B',
+    'piip_llava_convnext_l_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-l_clip-l_1024-336_13B',
+}
+LLM_ONLY_SHARD = 'model-00001-of-00003'
+# Reference cases standing in for a released model's weights (same model class and branch kinds).
+CASE_FOR_TAG = {'piip_llava_clip_bl_512_448.llava_13b': 'llava2_clip_bl',
+                'piip_llava_convnext_b_clip_l_1024_336.llava_7b': 'llava2_convnext_clip'}
+
+
+def manifest(tag: str) -> dict:
+    return json.loads((LLAVA / 'manifests' / f'llava_{RELEASED[tag]}.json').read_text())
+
+
+def llava_repo_files(tower: dict, projector: dict, fmt: str) -> dict:
+    """A LLaVA checkpoint as transformers shards it: the index and three shards; the first holds only
+    language-model tensors, the tower is split over the other two, the projector sits in the last."""
+    llm = {f'model.layers.{i}.mlp.up_proj.weight': torch.full((4, 4), float(i)) for i in range(3)}
+    tower = {TOWER + k: v for k, v in tower.items()}
+    keys = sorted(tower)
+    shards = [
+        {'model.embed_tokens.weight': torch.zeros(8, 4), **llm},
+        {'model.norm.weight': torch.ones(4), **{k: tower[k] for k in keys[: len(keys) // 2]}},
+        {'lm_head.weight': torch.zeros(8, 4), **{k: tower[k] for k in keys[len(keys) // 2:]},
+         **{PROJECTOR + k: v for k, v in projector.items()}},
+    ]
+    suffix = '.safetensors' if fmt == 'safetensors' else '.bin'
+    names = [f'model-0000{i + 1}-of-00003{suffix}' for i in range(3)]
+    files = {}
+    for name, shard in zip(names, shards):
+        if fmt == 'safetensors':
+            files[name] = save({k: v.contiguous() for k, v in shard.items()})
+        else:  # torch.save keeps the views of one storage small
+            buffer = io.BytesIO()
+            torch.save(shard, buffer)
+            files[name] = buffer.getvalue()
+    index = {'metadata': {'total_size': 0}, 'weight_map': {k: n for n, s in zip(names, shards) for k in s}}
+    files['model.safetensors.index.json' if fmt == 'safetensors' else 'pytorch_model.bin.index.json'] = \
+        json.dumps(index).encode()
+    return files
+
+
+def never_downloaded(server: LocalHub, shard_stem: str) -> bool:
+    return not any(shard_stem in request for request in server.requests)
+
+
+FULL_SIZE_SCRIPT = textwrap.dedent('''
+    import json, warnings, torch, timm
+    import piip_timm
+    from piip_timm.llava import create_llava_projector
+    warnings.filterwarnings('ignore', message='.*non-meta parameter.*')  # loading into meta tensors is a no-op
+    results = {{}}
+    for tag in {tags!r}:
+        with torch.device('meta'):
+            model = timm.create_model(tag, pretrained=True)
+        projector = create_llava_projector(tag, pretrained=True)
+        results[tag] = dict(
+            shapes={{k: list(v.shape) for k, v in model.state_dict().items()}},
+            params=sum(p.numel() for p in model.parameters()),
+            projector={{k: [list(v.shape), v.double().sum().item()] for k, v in projector.state_dict().items()}})
+    open({out!r}, 'w').write(json.dumps(results))
+''')
+
+
+@pytest.fixture(scope='module')
+def full_size(tmp_path_factory):
+    """Every released tag built at full size (meta) from its repository's shards, with its projector."""
+    root = tmp_path_factory.mktemp('llava_hub')
+    server = LocalHub(root)
+    served = {}
+    for seed, tag in enumerate(RELEASED):
+        m = manifest(tag)
+        tower = shared_storage_state(m['keys'], seed=seed)
+        projector = shared_storage_state(m['projector_keys'], seed=100 + seed)
+        for filename, data in llava_repo_files(tower, projector, 'bin').items():
+            server.add(m['hub_repo'], filename, data)
+        served[tag] = projector
+    out = root / 'results.json'
+    with server:
+        result = run_python(FULL_SIZE_SCRIPT.format(tags=list(RELEASED), out=str(out)), server.endpoint,
+                            root / 'hf_home', timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), served, server
+
+
+@pytest.mark.parametrize('tag', sorted(RELEASED))
+def test_released_tower_loads_strictly_at_full_size(full_size, tag):
+    results, _, _ = full_size
+    m = manifest(tag)
+    got = results[tag]
+    assert got['params'] == m['num_params_used_in_forward']
+    original = {k: torch.empty(s, device='meta') for k, s in m['keys'].items()}
+    assert got['shapes'] == {k: list(v.shape) for k, v in convert_llava_tower_state_dict(original).items()}
+
+
+@pytest.mark.parametrize('tag', sorted(RELEASED))
+def test_released_projector_loads_the_served_tensors(full_size, tag):
+    results, served, _ = full_size
+    got = results[tag]['projector']
+    names = {'1': 'fc1', '3': 'norm', '6': 'fc2'}
+    expected = {}
+    for key, value in served[tag].items():  # branch{i}.{1,3,6}.{weight,bias}, written out independently
+        branch, layer, param = key.split('.')
+        expected[f'mlps.{int(branch[-1]) - 1}.{names[layer]}.{param}'] = [list(value.shape), value.double().sum().item()]
+    assert set(got) == set(expected)
+    for key, (shape, total) in expected.items():
+        assert got[key][0] == shape
+        assert got[key][1] == pytest.approx(total, rel=1e-9, abs=1e-6), key
+
+
+def test_language_model_shards_are_never_downloaded(full_size):
+    _, _, server = full_size
+    assert server.requests, 'the loads made no request to the local Hub'
+    assert never_downloaded(server, LLM_ONLY_SHARD)
+    assert not never_downloaded(server, 'model-00002-of-00003') and not never_downloaded(server, 'model-00003-of-00003')
+
+
+CASE_SCRIPT = textwrap.dedent('''
+    import json, torch, timm
+    from safetensors.torch import save_file
+    import piip_timm
+    for job in {jobs!r}:
+        model = timm.create_model(job['tag'], pretrained=True, **job['kwargs']).eval()
+        x = torch.load(job['input'])
+        with torch.no_grad():
+            maps = model.forward_features(x)
+            levels = timm.create_model(job['tag'], pretrained=True, features_only=True, **job['kwargs']).eval()(x)
+        save_file({{k: v.contiguous() for k, v in dict(zip(['output.0', 'output.1', 'level.0', 'level.1'], [*maps, *levels])).items()}},
+                  job['out'])
+''')
+
+
+@pytest.fixture(scope='module')
+def case_results(tmp_path_factory):
+    """Two released tags loaded from safetensors shards holding a reference case's original-code weights."""
+    root = tmp_path_factory.mktemp('llava_case_hub')
+    server = LocalHub(root)
+    jobs = []
+    for tag, case_name in CASE_FOR_TAG.items():
+        case = json.loads((LLAVA / 'cases' / f'{case_name}.json').read_text())
+        tensors = load_file(str(LLAVA / 'cases' / f'{case_name}.safetensors'))
+        tower = {k[len('state_dict.'):]: v for k, v in tensors.items() if k.startswith('state_dict.')}
+        projector = {k[len('projector.'):]: v for k, v in tensors.items() if k.startswith('projector.')}
+        for filename, data in llava_repo_files(tower, projector, 'safetensors').items():
+            server.add(manifest(tag)['hub_repo'], filename, data)
+        kwargs = translate_llava_config(case['constructor_kwargs'], case['pretrained_configs'])
+        torch.save(tensors['input'], root / f'{case_name}.input.pt')
+        jobs.append(dict(tag=tag, input=str(root / f'{case_name}.input.pt'), out=str(root / f'{case_name}.out.safetensors'),
+                         kwargs=dict(branches=[asdict(b) for b in kwargs['branches']],
+                                     interaction=asdict(kwargs['interaction']))))
+    with server:
+        result = run_python(CASE_SCRIPT.format(jobs=jobs), server.endpoint, root / 'hf_home')
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert never_downloaded(server, LLM_ONLY_SHARD)
+    return root
+
+
+@pytest.mark.parametrize('tag', sorted(CASE_FOR_TAG))
+def test_released_tower_reproduces_the_original_through_timm(case_results, tag):
+    case_name = CASE_FOR_TAG[tag]
+    got = load_file(str(case_results / f'{case_name}.out.safetensors'))
+    ref = load_file(str(LLAVA / 'cases' / f'{case_name}.safetensors'))
+    for i in range(2):
+        out, expected = got[f'output.{i}'], ref[f'output.{i}']
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # features_only: the same maps, finest (branch 2) first
+    assert torch.equal(got['level.0'], got['output.1']) and torch.equal(got['level.1'], got['output.0'])
