@@ -102,8 +102,9 @@ def full_size(tmp_path_factory):
     served = {}
     for seed, tag in enumerate(RELEASED):
         m = manifest(tag)
-        tower = shared_storage_state(m['keys'], seed=seed)
-        projector = shared_storage_state(m['projector_keys'], seed=100 + seed)
+        # a small storage: timm deep-copies the state dict it is handed, each view's storage with it
+        tower = shared_storage_state(m['keys'], seed=seed, size=1 << 12)
+        projector = shared_storage_state(m['projector_keys'], seed=100 + seed, size=1 << 12)
         for filename, data in llava_repo_files(tower, projector, 'bin').items():
             server.add(m['hub_repo'], filename, data)
         served[tag] = projector
