@@ -199,3 +199,112 @@ def test_released_tower_reproduces_the_original_through_timm(case_results, tag):
         assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
     # features_only: the same maps, finest (branch 2) first
     assert torch.equal(got['level.0'], got['output.1']) and torch.equal(got['level.1'], got['output.0'])
+
+
+# ----------------------------------------------------------------------------- branch-weight tags
+TINY_CLIP = dict(embed_dim=32, depth=2, num_heads=2)
+TINY_CONVNEXT = dict(dims=(32, 32, 32, 32), depths=(1, 1, 1, 1))
+# Where each tower's single models live (written out: timm's Hub repositories, OpenGVLab's CLIP-L repos).
+BRANCH_REPOS = {
+    'piip_llava_clip_bl_512_256': ('OpenGVLab/clip-vit-large-patch14to16-224', 'timm/vit_base_patch16_clip_224.openai'),
+    'piip_llava_clip_bl_512_448': ('OpenGVLab/clip-vit-large-patch14to16-336', 'timm/vit_base_patch16_clip_224.openai'),
+    'piip_llava_convnext_b_clip_l_640_224': ('OpenGVLab/clip-vit-large-patch14to16-224',
+                                             'timm/convnext_base.clip_laiona_augreg_320'),
+    'piip_llava_convnext_b_clip_l_1024_336': ('OpenGVLab/clip-vit-large-patch14to16-336',
+                                              'timm/convnext_base.clip_laiona_augreg_320'),
+    'piip_llava_convnext_b_clip_l_1024_336_13b': ('OpenGVLab/clip-vit-large-patch14to16-336',
+                                                  'timm/convnext_base.clip_laiona_augreg_320'),
+    'piip_llava_convnext_l_clip_l_1024_336': ('OpenGVLab/clip-vit-large-patch14to16-336',
+                                              'timm/convnext_large_mlp.clip_laion2b_ft_320'),
+    'piip_llava_convnext_l_clip_l_1024_336_13b': ('OpenGVLab/clip-vit-large-patch14to16-336',
+                                                  'timm/convnext_large_mlp.clip_laion2b_ft_320'),
+}
+
+
+def tiny_timm_weights(repo: str, seed: int) -> dict:
+    """A tiny twin of a timm repository's model (its architecture with small widths), random weights."""
+    import timm
+    arch = repo.split('/')[1].split('.')[0]
+    kwargs = TINY_CONVNEXT if arch.startswith('convnext') else dict(TINY_CLIP, img_size=64)
+    arch = 'vit_base_patch16_clip_quickgelu_224' if arch.startswith('vit') else arch
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def as_transformers_clip(timm_state: dict) -> dict:
+    """timm CLIP ViT weights in transformers' CLIPVisionModel layout (what the OpenGVLab repos hold)."""
+    out = {}
+    for key, value in timm_state.items():
+        parts = key.split('.')
+        if key == 'cls_token':
+            out['embeddings.class_embedding'] = value.reshape(-1)
+        elif key == 'pos_embed':
+            out['embeddings.position_embedding.weight'] = value[0]
+        elif key == 'patch_embed.proj.weight':
+            out['embeddings.patch_embedding.weight'] = value
+        elif parts[0] in ('norm_pre', 'norm'):
+            out[f'{"pre_layrnorm" if parts[0] == "norm_pre" else "post_layernorm"}.{parts[1]}'] = value
+        elif parts[0] == 'blocks':
+            layer, rest = parts[1], '.'.join(parts[2:])
+            if rest.startswith('attn.qkv.'):
+                for name, chunk in zip('qkv', value.chunk(3)):
+                    out[f'encoder.layers.{layer}.self_attn.{name}_proj.{parts[-1]}'] = chunk
+            else:
+                rest = {'norm1': 'layer_norm1', 'norm2': 'layer_norm2', 'attn.proj': 'self_attn.out_proj'}.get(
+                    rest.rsplit('.', 1)[0], rest.rsplit('.', 1)[0]) + '.' + parts[-1]
+                out[f'encoder.layers.{layer}.{rest}'] = value
+        elif parts[0] != 'head':
+            raise AssertionError(f'unexpected timm CLIP key {key}')
+    return {f'vision_model.{k}': v for k, v in out.items()}
+
+
+BRANCH_SCRIPT = textwrap.dedent('''
+    import torch, timm
+    from safetensors.torch import save_file
+    import piip_timm
+    for job in {jobs!r}:
+        model = timm.create_model(job['tag'], pretrained=True, **job['kwargs'])
+        save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, job['out'])
+''')
+
+
+@pytest.fixture(scope='module')
+def branch_results(tmp_path_factory):
+    from piip_timm.clip_branch import CLIPBranchCfg
+    from piip_timm.convnext_branch import ConvNeXtBranchCfg
+    root = tmp_path_factory.mktemp('llava_branch_hub')
+    server = LocalHub(root)
+    weights = {}
+    for seed, repo in enumerate(sorted({r for pair in BRANCH_REPOS.values() for r in pair})):
+        twin = tiny_timm_weights('timm/vit_base_patch16_clip_224' if repo.startswith('OpenGVLab') else repo, seed)
+        served = as_transformers_clip(twin) if repo.startswith('OpenGVLab') else twin
+        server.add(repo, 'model.safetensors', save({k: v.contiguous() for k, v in served.items()}))
+        weights[repo] = twin
+    clip = CLIPBranchCfg(img_size=64, block_ranges=((0, 0), (1, 1)), pos_embed_grid=4, **TINY_CLIP)
+    jobs = []
+    for variant, (coarse, fine) in BRANCH_REPOS.items():
+        fine_cfg = ConvNeXtBranchCfg(img_size=128, block_ranges=((0, 2), (3, 6)), **TINY_CONVNEXT) \
+            if 'convnext' in fine else CLIPBranchCfg(img_size=128, block_ranges=((0, 0), (1, 1)), pos_embed_grid=4,
+                                                     **TINY_CLIP)
+        jobs.append(dict(tag=f'{variant}.branches', out=str(root / f'{variant}.safetensors'), kwargs=dict(
+            branches=[asdict(clip), asdict(fine_cfg)], interaction=dict(num_heads=4))))
+    with server:
+        result = run_python(BRANCH_SCRIPT.format(jobs=jobs), server.endpoint, root / 'hf_home')
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root, weights
+
+
+@pytest.mark.parametrize('variant', sorted(BRANCH_REPOS))
+def test_branch_weight_tag_loads_each_single_model(branch_results, variant):
+    """Each branch holds its single model's weights (the CLIP-L converted from transformers' layout; final
+    norms and classifier heads left out), the interactions start fresh (their gammas at zero)."""
+    root, weights = branch_results
+    state = load_file(str(root / f'{variant}.safetensors'))
+    for i, repo in enumerate(BRANCH_REPOS[variant]):
+        expected = {k: v for k, v in weights[repo].items() if not k.startswith(('head.', 'norm.'))}
+        got = {k[len(f'branches.{i}.'):]: v for k, v in state.items() if k.startswith(f'branches.{i}.')}
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    gammas = [v for k, v in state.items() if k.endswith(('attn_gamma', 'ffn_gamma'))]
+    assert gammas and all(not g.any() for g in gammas)
