@@ -60,3 +60,27 @@ def test_detection_and_segmentation_example():
     assert len(result['predictions']) == 2
     assert {'boxes', 'labels', 'scores', 'masks'} <= set(result['predictions'][0])
     assert result['segmentation_loss'] > 0
+
+
+def tiny_llava_args() -> str:
+    from piip_timm.clip_branch import CLIPBranchCfg
+    branches = [CLIPBranchCfg(img_size=32, embed_dim=64, depth=2, num_heads=2, block_ranges=((0, 0), (1, 1)),
+                              pos_embed_grid=2),
+                CLIPBranchCfg(img_size=64, embed_dim=32, depth=2, num_heads=2, block_ranges=((0, 0), (1, 1)),
+                              pos_embed_grid=4)]
+    return json.dumps(dict(branches=[asdict(b) for b in branches], interaction=dict(num_heads=4)))
+
+
+@pytest.mark.parametrize('offline_fallback', [False, True])
+def test_llava_tokens_example_gives_the_language_model_tokens(tmp_path, offline_fallback):
+    """Offline on random weights: 64 px input, maps of 2x2 (32 px / 16) and 4x4, 16 tokens of Vicuna-7B's width.
+    Without --no-pretrained and with an empty cache it must say that it fell back to random weights."""
+    args = [str(ROOT / 'examples' / 'llava_tokens.py'), '--model', 'piip_llava_clip_bl_512_256.llava_7b',
+            '--model-args', tiny_llava_args(), '--threads', '1']
+    result = run(args + ([] if offline_fallback else ['--no-pretrained']), env={'HF_HOME': str(tmp_path)})[0]
+    assert result['input'] == [1, 3, 64, 64]
+    assert result['maps'] == [[1, 64, 2, 2], [1, 32, 4, 4]]
+    assert result['tokens'] == [1, 16, 4096] and result['finite']
+    assert result['projector_params'] == 2 * (4096 * 4096 + 4096) + (64 + 32) * 4096 + 4 * 4096 + 2 * 4096
+    expected = 'pretrained weights unavailable' if offline_fallback else '--no-pretrained'
+    assert 'RANDOM INITIALISATION' in result['weights'] and expected in result['weights']

@@ -196,3 +196,48 @@ def test_tag_is_the_architecture_it_was_released_with(tag):
     size = m['input_image_size']
     assert (cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct) == ((3, size, size), (0.485, 0.456, 0.406),
                                                                  (0.229, 0.224, 0.225), 1.0)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def original_preprocessing(image, size: int) -> torch.Tensor:
+    """LLaVA's expand2square (background int(mean*255)) then CLIPImageProcessor (shortest edge to ``size``,
+    bicubic; centre crop; /255; ImageNet mean/std), written with PIL and numpy."""
+    import numpy as np
+    from PIL import Image
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    w, h = image.size
+    if w != h:
+        side = max(w, h)
+        canvas = Image.new('RGB', (side, side), tuple(int(x * 255) for x in mean))
+        canvas.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+        image = canvas
+    image = image.resize((size, size), Image.BICUBIC)
+    array = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
+    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize('shape', [(300, 200), (120, 250), (256, 256)])
+def test_llava_transform_is_the_original_preprocessing(shape):
+    import numpy as np
+    from PIL import Image
+    from piip_timm.llava import create_llava_transform
+    rng = np.random.default_rng(sum(shape))
+    image = Image.fromarray(rng.integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8))
+    ours = create_llava_transform(64)(image)
+    assert ours.shape == (3, 64, 64)
+    assert (ours - original_preprocessing(image, 64)).abs().max() < 1e-5
+
+
+def test_timm_transform_from_the_pretrained_cfg_matches_on_square_images():
+    import numpy as np
+    import timm
+    from PIL import Image
+    from piip_timm.llava import create_llava_transform
+    with torch.device('meta'):
+        model = timm.create_model('piip_llava_clip_bl_512_256')
+    config = timm.data.resolve_data_config({}, model=model)
+    assert config['input_size'] == (3, 512, 512) and config['crop_mode'] == 'border'
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))
+    timm_input = timm.data.create_transform(**config)(image)
+    assert (timm_input - create_llava_transform(model)(image)).abs().max() < 1e-5
+    assert (timm_input - original_preprocessing(image, 512)).abs().max() < 1e-5

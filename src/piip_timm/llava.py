@@ -33,7 +33,8 @@ from .weights import load_checkpoint_file, load_strict
 
 __all__ = ['LLAVA_TASKS', 'TOWER_PREFIX', 'PROJECTOR_PREFIX', 'KNOWN_CLIP', 'translate_llava_config',
            'convert_llava_tower_state_dict', 'convert_llava_projector_state_dict', 'projector_from_config',
-           'from_original_llava', 'VisionTower', 'TOWERS', 'TOWER_TAGS', 'create_llava_projector']
+           'from_original_llava', 'VisionTower', 'TOWERS', 'TOWER_TAGS', 'create_llava_projector',
+           'create_llava_transform', 'PadToSquare']
 
 LLAVA_TASKS = ('llava_vision_tower', 'llava_projector')
 TOWER_PREFIX = 'model.vision_tower.vision_tower.'
@@ -461,7 +462,8 @@ def _create_tower(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
 
 def _tower_cfg(variant: str, tag: TowerTag) -> Dict[str, Any]:
     """The tower's pretrained cfg: the original's preprocessing (square image of branch 2's size, ImageNet
-    mean/std also for CLIP branches; timm's 'border' crop pads like LLaVA's image_aspect_ratio='pad')."""
+    mean/std also for CLIP branches; timm's 'border' crop pads like LLaVA's image_aspect_ratio='pad', exactly
+    so for square images: ``create_llava_transform`` is the original's for any image)."""
     arch = TOWERS[variant]
     if tag.repo:
         source = dict(hf_hub_id=tag.repo, notes=f'{tag.notes}; language-model width {tag.llm_width}')
@@ -474,6 +476,49 @@ def _tower_cfg(variant: str, tag: TowerTag) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs({
     f'{variant}.{name}': _tower_cfg(variant, tag) for variant, tags in TOWER_TAGS.items() for name, tag in tags.items()
 })
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PadToSquare:
+    """LLaVA's ``image_aspect_ratio='pad'``: a PIL image centred on a square canvas of colour ``fill``."""
+
+    def __init__(self, fill: Tuple[int, int, int]) -> None:
+        self.fill = tuple(fill)
+
+    def __call__(self, image):
+        from PIL import Image
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        canvas = Image.new(image.mode, (side, side), self.fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(fill={self.fill})'
+
+
+def create_llava_transform(size: Union[int, nn.Module]):
+    """The original PIIP-LLaVA preprocessing for a tower input of ``size`` px (or a tower model's): pad to a
+    square of the ImageNet mean colour (int(mean*255)), resize (bicubic) and centre-crop to the size,
+    ImageNet mean/std (for the CLIP branches too). Branch 1's image is made inside the model.
+
+    timm's ``create_transform(**resolve_data_config({}, model=tower))`` gives the same for square images; for
+    other shapes it pads after resizing (its 'border' crop), with the mean rounded: nearly, not exactly, this.
+    """
+    from torchvision import transforms
+    if isinstance(size, nn.Module):
+        size = (size.model if isinstance(size, VisionTower) else size).branch_cfgs[-1].img_size
+    return transforms.Compose([
+        PadToSquare(tuple(int(m * 255) for m in IMAGENET_MEAN)),
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
 
 
 def create_llava_projector(
