@@ -241,3 +241,17 @@ def test_timm_transform_from_the_pretrained_cfg_matches_on_square_images():
     timm_input = timm.data.create_transform(**config)(image)
     assert (timm_input - create_llava_transform(model)(image)).abs().max() < 1e-5
     assert (timm_input - original_preprocessing(image, 512)).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- cost
+@pytest.mark.parametrize('variant, paper_gflops', [
+    ('piip_llava_clip_bl_512_256', 193),  # the original README's FLOPs of the 7B towers (written out)
+    ('piip_llava_convnext_b_clip_l_640_224', 191),
+])
+def test_tower_cost_in_the_papers_convention(variant, paper_gflops):
+    import timm
+    from piip_timm.flops import count_macs
+    model = timm.create_model(variant, device='meta')
+    size = model.branch_cfgs[-1].img_size
+    count = count_macs(model, (3, size, size), device='meta').paper
+    assert abs(count - paper_gflops) < 0.003 * paper_gflops, count  # 193.5 and 191.3 G
