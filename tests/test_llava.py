@@ -255,3 +255,25 @@ def test_tower_cost_in_the_papers_convention(variant, paper_gflops):
     size = model.branch_cfgs[-1].img_size
     count = count_macs(model, (3, size, size), device='meta').paper
     assert abs(count - paper_gflops) < 0.003 * paper_gflops, count  # 193.5 and 191.3 G
+
+
+def test_tower_classifier_and_fx_trace():
+    """timm's contract on a tower: num_classes puts a Linear on the pooled maps (gradients reach every
+    parameter), torch.fx traces it (the CLIP pos-embed resampling is one wrapped node) with the same outputs."""
+    from piip_timm.llava import translate_llava_config
+    from piip_timm.piip import PIIP
+    case, tower_state, _, tensors = load_llava_case('llava2_convnext_clip')
+    kwargs = dict(translate_llava_config(case['constructor_kwargs'], case['pretrained_configs']), num_classes=5)
+    model = PIIP(**kwargs).eval()
+    model.load_state_dict(dict(model.state_dict(), **convert_llava_tower_state_dict(tower_state)))
+    x = tensors['input']
+    logits = model(x)
+    assert logits.shape == (2, 5)
+    logits.square().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), model(x), atol=1e-6)
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    expected = torch.cat([tensors['output.0'].mean((2, 3)), tensors['output.1'].mean((2, 3))], 1)
+    assert torch.allclose(pooled, expected, atol=1e-5 * expected.abs().max().item())

@@ -25,6 +25,8 @@ from .vit_branch import BranchCfg, ViTBranch, _pos_embed_for_grid
 
 __all__ = ['CLIPBranchCfg', 'CLIPBranch', 'hf_clip_state_dict']
 
+torch.fx.wrap('_pos_embed_for_grid')  # one traced node here too (fx.wrap patches the calling module's name)
+
 # BranchCfg fields a CLIP ViT does not use, at the values that say so.
 _NOT_CLIP = dict(qkv_bias=True, init_values=None, pos_embed_class_slot=True, norm='layernorm', qk_norm=False,
                  mlp_act='quick_gelu', window_size=None)

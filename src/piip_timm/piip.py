@@ -254,7 +254,8 @@ class PIIP(nn.Module):
             self.num_features = self.head_hidden_size = out_dim
             self.norm = nn.LayerNorm(out_dim, eps=1e-6, **dd)
         elif head is None:
-            if num_classes:
+            # Branch maps may get a classifier on their pooled features (timm's num_classes); merged maps not.
+            if num_classes and not self.branch_maps:
                 raise ValueError(f'a model without head (head=None) needs num_classes=0, got {num_classes}.')
             self.num_features = self.head_hidden_size = sum(self.embed_dims) if self.branch_maps else out_dim
             self.norm = nn.Identity()
