@@ -187,6 +187,8 @@ def test_tag_is_the_architecture_it_was_released_with(tag):
     variant, name = tag.split('.')
     expected = translate_llava_config(m['constructor_kwargs'], m['pretrained_configs'])
     assert TOWERS[variant].branches == tuple(expected['branches'])
+    # the real names need no pretrained_configs (the CLIP repos' and timm's architectures are known)
+    assert translate_llava_config(m['constructor_kwargs']) == expected
     assert TOWERS[variant].interaction == expected['interaction']
     assert (TOWER_TAGS[variant][name].repo, TOWER_TAGS[variant][name].llm_width) == (m['hub_repo'], m['llm_hidden_size'])
     sources = [str(s) for s in TOWER_TAGS[variant]['branches'].branch_sources]

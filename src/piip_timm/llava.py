@@ -6,9 +6,11 @@ ViT or ConvNeXt on the tower's input image. The ``separate_2branch_v1`` projecto
 (``layers.llava_projector.BranchMapProjector``) turns the two maps into the language model's image tokens.
 
 This module holds the bridge from the original's LLaVA configs (``llava/configs/*.py`` ``model['backbone']``
-and the projector config) and the conversion of its checkpoints (tower under
-``model.vision_tower.vision_tower.``, projector under ``model.mm_projector.``, CLIP branches in transformers'
-``CLIPVisionModel`` names, ConvNeXt layer scales stored as ``weight``).
+and the projector config), the conversion of its checkpoints (tower under ``model.vision_tower.vision_tower.``,
+projector under ``model.mm_projector.``, CLIP branches in transformers' ``CLIPVisionModel`` names, ConvNeXt
+layer scales stored as ``weight``), the seven registered towers (``piip_llava_*``) with the nine released
+models as tags (only the shards holding the tower or projector are downloaded) and branch-weight tags, the
+projector factory and the original preprocessing.
 """
 import os
 import re
