@@ -279,3 +279,21 @@ def test_tower_classifier_and_fx_trace():
         pooled = model.forward_head(model.forward_features(x), pre_logits=True)
     expected = torch.cat([tensors['output.0'].mean((2, 3)), tensors['output.1'].mean((2, 3))], 1)
     assert torch.allclose(pooled, expected, atol=1e-5 * expected.abs().max().item())
+
+
+def test_errors_say_what_to_do():
+    from piip_timm.llava import create_llava_projector
+    case, _, _, _ = load_llava_case('llava2_clip_bl')
+    with pytest.raises(ValueError, match=r"architecture of 'test/clip-vit-case-large' is unknown; pass pretrained_configs"):
+        piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower')
+    wrong = dict(case['constructor_kwargs'], model_cls='3branch')
+    with pytest.raises(ValueError, match=r"model_cls '3branch' is not one of"):
+        piip_timm.from_original(wrong, 'llava_vision_tower', pretrained_configs=case['pretrained_configs'])
+    with pytest.raises(ValueError, match=r"projector type 'mlp2x_gelu' is not supported"):
+        piip_timm.from_original({'config': {'type': 'mlp2x_gelu'}, 'out_dim': 64}, 'llava_projector')
+    with pytest.raises(ValueError, match=r'has no released projector'):
+        create_llava_projector('piip_llava_clip_bl_512_256.branches', pretrained=True, device='meta')
+    with pytest.raises(ValueError, match=r'checkpoint does not fit'):  # a tower's weights for another tower
+        _, other_state, _, _ = load_llava_case('llava2_convnext_clip')
+        piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower', checkpoint=other_state,
+                                pretrained_configs=case['pretrained_configs'])

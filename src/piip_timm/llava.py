@@ -539,14 +539,14 @@ def create_llava_projector(
     if variant not in TOWERS:
         raise ValueError(f'{variant!r} is not a PIIP-LLaVA tower; choose one of {sorted(TOWERS)}.')
     tag = TOWER_TAGS[variant].get(tag_name or next(iter(TOWER_TAGS[variant])))
+    if pretrained and (tag is None or not tag.repo):
+        raise ValueError(f'{name} has no released projector; use one of the llava_* tags or pretrained=False.')
     out_dim = out_dim or (tag.llm_width if tag is not None else None)
     if out_dim is None:
         raise ValueError(f'{name} is no released PIIP-LLaVA model; give out_dim (the language model\'s width).')
     widths = tuple(b.final_width for b in TOWERS[variant].branches)
     projector = BranchMapProjector(widths, out_dim, device=device, dtype=dtype)
     if pretrained:
-        if tag is None or not tag.repo:
-            raise ValueError(f'{name} has no released projector; use one of the llava_* tags or pretrained=False.')
         check_hub_files(tag.hub_files())
         state = load_sharded_state_dict(tag.repo, keep=lambda k: k.startswith(PROJECTOR_PREFIX))
         load_strict(projector, convert_llava_projector_state_dict(state))
