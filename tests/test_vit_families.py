@@ -210,3 +210,23 @@ def test_create_piip_takes_a_timm_beit_as_a_windowed_branch():
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, 3, 128, 128))
     assert out.shape == (1, 8 * 8, 64)
+
+
+def test_fx_traces_beit_and_uniperceiver_branches_at_any_size():
+    """One traced graph for every input size (BEiT's window padding is a single FX node), equal to eager."""
+    from piip_timm import PIIP
+    ranges = ((0, 0), (1, 1))
+    branches = [
+        BeitBranchCfg(img_size=64, embed_dim=64, depth=2, num_heads=2, block_ranges=ranges, window_size=3,
+                      init_values=1e-6),
+        UniPerceiverBranchCfg(img_size=96, embed_dim=32, depth=2, num_heads=2, block_ranges=ranges, pos_embed_grid=4),
+    ]
+    model = PIIP(branches, head='merged', merge='conv', num_classes=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial gammas everywhere (Uni-Perceiver's start at zero)
+            p.add_(0.05 * torch.randn_like(p))
+    graph = torch.fx.symbolic_trace(model)
+    for size in ((96, 96), (101, 83)):  # grids the windows do not divide: padded
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)

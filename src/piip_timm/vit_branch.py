@@ -74,7 +74,8 @@ class BranchCfg:
 
     def summary(self) -> str:
         windows = sorted({w for w in self.block_windows() if w}) or ['global']
-        return f'{self.family} width {self.embed_dim:>4}  depth {self.depth:>2}  heads {self.num_heads:>2}  attention {windows}'
+        return (f'{self.family} width {self.embed_dim:>4}  depth {self.depth:>2}  heads {self.num_heads:>2}  '
+                f'attention {windows}')
 
     def block_windows(self) -> Tuple[Optional[int], ...]:
         if isinstance(self.window_size, (tuple, list)):

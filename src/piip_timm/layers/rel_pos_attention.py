@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import _window_merge as window_merge, _window_partition as window_partition
+from .attention import _pad_to_windows as pad_to_windows, _window_merge as window_merge, \
+    _window_partition as window_partition
 
 __all__ = ['RelPosWindowAttention', 'window_relative_position_index']
+
+torch.fx.wrap('pad_to_windows')  # branches on the grid's size: one node for torch.fx
 
 
 def window_relative_position_index(window: int, device=None) -> torch.Tensor:
@@ -81,14 +84,11 @@ class RelPosWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: a (B, H, W, C) token grid -> (B, H, W, C)."""
-        if x.ndim != 4:
-            raise ValueError(f'windowed attention takes a (B, H, W, C) token grid, got shape {tuple(x.shape)}.')
         if shared_rel_pos_bias is not None:
             raise ValueError('a shared relative position bias is not supported with windowed attention.')
         batch, height, width, channels = x.shape
         window = self.window_size
-        pad_h, pad_w = (window - height % window) % window, (window - width % window) % window
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        x = pad_to_windows(x, window, None)  # zeros at the bottom and right, as the original pads
         qkv = self.qkv(window_partition(x, window))
         if self.q_bias is not None:
             qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
@@ -98,5 +98,5 @@ class RelPosWindowAttention(nn.Module):
             q, k, v, attn_mask=self.relative_position_bias().unsqueeze(0).to(q.dtype),
             dropout_p=self.attn_drop.p if self.training else 0.0)
         out = out.transpose(1, 2).reshape(num_windows, tokens, channels)
-        out = window_merge(out, window, batch, height + pad_h, width + pad_w)[:, :height, :width]
+        out = window_merge(out, window, batch, x.shape[1], x.shape[2])[:, :height, :width]
         return self.proj_drop(self.proj(out))
