@@ -9,7 +9,8 @@ from torch import nn
 
 from piip_timm.layers import SimpleFeaturePyramid
 from piip_timm.piip import PIIP, BranchCfg, build_branch, even_block_ranges
-from piip_timm.variants import ALL_LEVELS, VARIANTS, VariantCfg, hybrid_detector, sbl_detector, tsb_detector, tsbl_detector
+from piip_timm.variants import (ALL_LEVELS, VARIANTS, VariantCfg, h6b_backbone, hybrid_detector, sbl_detector,
+                                tsb_detector, tsbl_detector)
 from timm.layers import resample_abs_pos_embed
 
 
@@ -134,7 +135,7 @@ def h6b_paper() -> PIIP:
 
 
 def paper_rows() -> List[PaperRow]:
-    """Every configuration of the paper's ImageNet and COCO tables (OpenGVLab/PIIP README)."""
+    """Every configuration of the paper's ImageNet, COCO and ADE20K tables (OpenGVLab/PIIP README)."""
     return [
         PaperRow('PIIP-TSB 368/192/128 (ImageNet)', lambda: imagenet_variant('piip_tsb', (128, 192, 368)), 368, 144, 17.4),
         PaperRow('PIIP-SBL 320/160/96 (ImageNet)', lambda: imagenet_variant('piip_sbl', (96, 160, 320)), 320, 489, 39.0),
@@ -158,6 +159,11 @@ def paper_rows() -> List[PaperRow]:
                    partial(regular_fpn_detector, f'piip_{name}'), 1024, None, gmacs)
           for name, gmacs in (('ct_cs_cb', 326), ('ct_vs_vb', 373), ('ct_cs_vb', 431), ('ct_vs_cb', 297),
                               ('vt_cs_vb', 291), ('vt_cs_cb', 231), ('vt_vs_cb', 193))),
+        # ADE20K UperNet backbones (the README's segmentation table), input 512, branch1 at 192..512
+        *(PaperRow(f'PIIP-H6B 512/{size} (ADE20K)',
+                   lambda size=size: paper_method(h6b_backbone((size, 512), 'gelu_tanh', task='seg')),
+                   512, params, gmacs)
+          for size, params, gmacs in ((192, 6745, 1663), (256, 6745, 2354), (384, 6746, 4374), (512, 6747, 7308))),
     ]
 
 

@@ -187,6 +187,18 @@ RELEASED_FILES = {
     'piip_tsbl.coco_1792_1568_1120_448': 'detection/mask_rcnn_deit_tsbl_1792_1568_1120_448_fpn_1x_coco_bs16.pth',
     'piip_h6b.coco_1024_512': 'detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms.pth',
     'piip_ct_cs_cb.coco_1024_672_448': 'detection/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.pth',
+    'piip_sbl.coco_beitv2_1568_1120_672': 'detection/mask_rcnn_beit_sbl_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_uniperceiver_1568_1120_672':
+        'detection/mask_rcnn_uniperceiver_sbl_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_dinov2_1568_1120_672': 'detection/mask_rcnn_dinov2_sbl_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_mae_1568_1120_672': 'detection/mask_rcnn_mae_sbl_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_augreg_1568_1120_672': 'detection/mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16.pth',
+    'piip_sbl.coco_dino_1792_1120_672': 'detection/dino_4scale_deit_384_sbl_1792_1120_672_fpn_3x_coco_bs32_ms.pth',
+    'piip_h6b.coco_dino_1024_768': 'detection/dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms.pth',
+    'piip_h6b.ade20k_512_192': 'segmentation/upernet_internvit_h6b_192_512_80k_ade20k_bs16_lr4e-5.pth',
+    'piip_h6b.ade20k_512_256': 'segmentation/upernet_internvit_h6b_256_512_80k_ade20k_bs16_lr4e-5.pth',
+    'piip_h6b.ade20k_512_384': 'segmentation/upernet_internvit_h6b_384_512_80k_ade20k_bs16_lr4e-5.pth',
+    'piip_h6b.ade20k_512_512': 'segmentation/upernet_internvit_h6b_512_512_80k_ade20k_bs16_lr4e-5.pth',
 }
 _DEIT3 = {size: f'timm/deit3_{size}_patch16_224.fb_in22k_ft_in1k' for size in ('large', 'base', 'small')}
 _DEIT_T = 'timm/deit_tiny_patch16_224.fb_in1k'
@@ -210,6 +222,15 @@ BRANCH_REPOS = {
     'piip_vt_cs_vb.branches': (_DEIT3['base'], 'timm/convnext_small.fb_in1k', _DEIT_T),
     'piip_vt_cs_cb.branches': ('timm/convnext_base.fb_in1k', 'timm/convnext_small.fb_in1k', _DEIT_T),
     'piip_vt_vs_cb.branches': ('timm/convnext_base.fb_in1k', _DEIT3['small'], _DEIT_T),
+    # SBL detectors of other pretrained families (TPAMI 2025): timm models holding the same weights
+    'piip_sbl.beitv2_in22k': ('timm/beitv2_large_patch16_224.in1k_ft_in22k', 'timm/beitv2_base_patch16_224.in1k_ft_in22k',
+                              _DEIT3['small']),
+    'piip_sbl.dinov2_lvd142m': tuple(f'timm/vit_{size}_patch14_dinov2.lvd142m' for size in ('large', 'base', 'small')),
+    'piip_sbl.mae_in1k': ('timm/vit_large_patch16_224.mae', 'timm/vit_base_patch16_224.mae', _DEIT3['small']),
+    'piip_sbl.augreg384_in21k_ft_in1k': tuple(f'timm/vit_{size}_patch16_384.augreg_in21k_ft_in1k'
+                                              for size in ('large', 'base', 'small')),
+    'piip_sbl.deit3_384_in22k': tuple(f'timm/deit3_{size}_patch16_384.fb_in22k_ft_in1k'
+                                      for size in ('large', 'base', 'small')),
 }
 
 

@@ -87,3 +87,43 @@ def architecture(model: PIIP) -> dict:
         head=model.head_style, merge=model.merge_style, num_classes=model.num_classes,
         pyramid=list(model.pyramid.level_names) if model.pyramid is not None else None,
         global_pool=model.global_pool, shapes={k: list(v.shape) for k, v in model.state_dict().items()})
+
+
+def reference_rel_pos_resize(table: torch.Tensor, dst: int) -> torch.Tensor:
+    """BEiT's checkpoint loader recipe, written out with SciPy (independently of piip_timm.rel_pos_resize):
+    drop the 3 class rows, bisect the geometric ratio, spline-interpolate each head on the warped offsets.
+    ``interp2d(kind='cubic')`` on a grid was FITPACK's s=0 spline, i.e. ``RectBivariateSpline``."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+    src = int((table.shape[0] - 3) ** 0.5)
+    grid = table[:-3]
+    if src == dst:
+        return grid
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    distances, cur = [], 1.0
+    for i in range(src // 2):
+        distances.append(cur)
+        cur += q ** (i + 1)
+    x = np.array([-d for d in reversed(distances)] + [0.0] + distances)
+    t = dst // 2.0
+    targets = np.arange(-t, t + 0.1, 1.0)
+    columns = [RectBivariateSpline(x, x, grid[:, h].reshape(src, src).double().numpy(), kx=3, ky=3, s=0)(
+        targets, targets).reshape(-1, 1) for h in range(table.shape[1])]
+    return torch.from_numpy(np.concatenate(columns, axis=1)).to(table.dtype)
+
+
+def benchmark_models():
+    """benchmarks/models.py (not a package) as a module: the paper's cost-table models."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        'piip_benchmark_models', Path(__file__).resolve().parents[1] / 'benchmarks' / 'models.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

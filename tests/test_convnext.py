@@ -233,7 +233,7 @@ def test_create_piip_runs_small_timm_models_and_derives_ranges_and_outputs():
     vits = piip_timm.create_piip(names[::2], (64, 128), model_kwargs=shrink[::2], interaction=interaction,
                                  features_only=True)
     assert vits.model.merge_style == 'conv' and vits.feature_info.reduction() == [4, 8, 16, 32]
-    with pytest.raises(ValueError, match='VisionTransformers or ConvNeXts'):
+    with pytest.raises(ValueError, match='VisionTransformers, ConvNeXts or Beits'):
         piip_timm.create_piip(['resnet18', 'deit_tiny_patch16_224'], (64, 128), device='meta')
 
 

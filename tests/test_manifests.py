@@ -9,7 +9,16 @@ from piip_timm.convert import convert_original_state_dict
 
 from conftest import reference_files
 
-MANIFESTS = reference_files('manifests') + reference_files('convnext/manifests')
+MANIFESTS = reference_files('manifests') + reference_files('convnext/manifests') + \
+    reference_files('vit-families/manifests')
+
+
+def test_all_manifests_are_found():
+    names = {p.stem for p in MANIFESTS}
+    assert {'det_dino_deit384_sbl_1792_1120_672', 'det_dino_h6b_1024_768', 'det_beit_sbl_1568_1120_672',
+            'det_uniperceiver_sbl_1568_1120_672', 'det_dinov2_sbl_1568_1120_672', 'det_mae_sbl_1568_1120_672',
+            'det_augreg_sbl_1568_1120_672'} <= names
+    assert {f'seg_upernet_h6b_{size}_512' for size in (192, 256, 384, 512)} <= names
 
 
 @pytest.mark.parametrize('path', MANIFESTS, ids=[p.stem for p in MANIFESTS])

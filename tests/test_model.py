@@ -33,10 +33,11 @@ def test_lh6b_features_only_is_the_original_detector_backbone():
 
 def test_readme_lists_every_pretrained_tag():
     from pathlib import Path
+    from piip_timm.llava import TOWER_TAGS
     from piip_timm.variants import PRETRAINED
     readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
     rows = {line.split('`')[1] for line in readme.splitlines() if line.startswith('| `piip_') and '.' in line.split('`')[1]}
-    assert rows == {f'{v}.{t}' for v, tags in PRETRAINED.items() for t in tags}
+    assert rows == {f'{v}.{t}' for table in (PRETRAINED, TOWER_TAGS) for v, tags in table.items() for t in tags}
 
 
 def test_tsbl_branches_follow_the_paper_not_the_original_quirk():

@@ -23,6 +23,7 @@ from piip_timm.piip import PIIP, InteractionCfg
 from piip_timm.variants import PRETRAINED, PIIP_REPO
 
 from conftest import REFERENCE_DIR, load_case
+from helpers import reference_rel_pos_resize
 from fixtures import (BRANCH_REPOS, INTERNVIT_REPO, RELEASED_FILES, branch_dicts, internvit_hf_weights,
                       internvit_repo_files, pretrained_tiny_branches, random_like, released_classifier_file,
                       released_detector_file, save_safetensors_bytes, timm_branch_weights, to_original_layout)
@@ -35,8 +36,17 @@ RELEASED = sorted(RELEASED_FILES)
 BRANCH_TAGS = sorted(BRANCH_REPOS)
 # Reference cases (run through the original code) that stand in for each released file's weights (paths below
 # the reference folder).
-CASE_FOR_TAG = {'piip_tsb.in1k': 'cases/cls3_sephead', 'piip_sbl.in1k': 'cases/cls3_augreg',
-                'piip_sbl.in1k_320': 'cases/cls3_augreg', 'piip_ct_cs_cb.coco_1024_672_448': 'convnext/cases/det3_cnn_ctcscb'}
+FAMILY_CASES = 'vit-families/cases/'
+CASE_FOR_TAG = {
+    'piip_tsb.in1k': 'cases/cls3_sephead', 'piip_sbl.in1k': 'cases/cls3_augreg', 'piip_sbl.in1k_320': 'cases/cls3_augreg',
+    'piip_ct_cs_cb.coco_1024_672_448': 'convnext/cases/det3_cnn_ctcscb',
+    **{f'piip_sbl.coco_{family}_1568_1120_672': f'{FAMILY_CASES}det3_{case}_sbl'
+       for family, case in (('beitv2', 'beit'), ('uniperceiver', 'uniperceiver'), ('dinov2', 'dinov2'), ('mae', 'mae'),
+                            ('augreg', 'augreg'))},
+    'piip_sbl.coco_dino_1792_1120_672': f'{FAMILY_CASES}det3_dino_sbl384',
+    'piip_h6b.coco_dino_1024_768': f'{FAMILY_CASES}det2_dino_h6b',
+    **{f'piip_h6b.ade20k_512_{size}': f'{FAMILY_CASES}seg2_h6b' for size in (192, 256, 384, 512)},
+}
 
 
 def tag_of(name: str):
@@ -135,14 +145,15 @@ def released_results(hub, tmp_path_factory):
         job = dict(name=name, out=str(work / f'{name}.safetensors'))
         if case:
             config, _, x, _ = load_case(REFERENCE_DIR / f'{case}.json')
-            kwargs, returned = translate_original_config(config['constructor_kwargs'], config['task'],
+            kwargs, _ = translate_original_config(config['constructor_kwargs'], config['task'],
                                                          config.get('pretrained_configs'))
             kwargs['branches'] = branch_dicts(kwargs['branches'])
             kwargs['interaction'] = vars(kwargs['interaction'])
-            if config['task'] == 'det':
+            if config['task'] in ('det', 'seg'):
+                # The case's layers with the tag's own outputs (the DINO detectors return three levels).
                 kwargs = dict(branches=kwargs['branches'], interaction=kwargs['interaction'], head=None,
                               merge=kwargs['merge'], out_interactions=kwargs.get('out_interactions'),
-                              features_only=True, out_indices=returned)
+                              features_only=True)
             else:
                 kwargs['pretrained_cfg_overlay'] = dict(num_classes=kwargs['num_classes'])
             inputs = work / f'{case.replace("/", "_")}.input.pt'
@@ -245,18 +256,23 @@ def test_branch_weights_are_assembled_from_the_branch_repos(hub, branch_results,
             assert all(torch.equal(state[prefix + k], v) for k, v in weights.items() if not k.startswith('head.'))
             continue
         for key, value in weights.items():
-            if key.startswith('blocks.'):
+            if key.endswith('relative_position_bias_table'):  # BEiT: resized to the block's window
+                window = cfg.block_windows()[int(key.split('.')[1])]
+                torch.testing.assert_close(state[prefix + key], reference_rel_pos_resize(value, 2 * window - 1))
+            elif key.startswith('blocks.'):
                 assert torch.equal(state[prefix + key], value), prefix + key  # bit-equal block weights
-        grid = cfg.grid
-        assert torch.equal(state[prefix + 'pos_embed'],
-                           independent_pos_resample(weights['pos_embed'], grid, cfg.pos_embed_class_slot))
+        if 'pos_embed' in weights:
+            assert torch.equal(state[prefix + 'pos_embed'],
+                               independent_pos_resample(weights['pos_embed'], cfg.grid, cfg.pos_embed_class_slot))
+        else:  # BEiTv2: relative position biases only
+            assert prefix + 'pos_embed' not in state
         kernel = weights['patch_embed.proj.weight']
         if kernel.shape[-1] != cfg.patch_size:
             kernel = F.interpolate(kernel, size=(cfg.patch_size, cfg.patch_size), mode='bicubic', align_corners=False)
         assert torch.equal(state[prefix + 'patch_embed.proj.weight'], kernel)
         assert torch.equal(state[prefix + 'patch_embed.proj.bias'], weights['patch_embed.proj.bias'])
         for j in range(cfg.depth):
-            if cfg.init_values and f'blocks.{j}.ls1.gamma' not in weights:  # DeiT / MAE: no layer scale
+            if cfg.kind == 'vit' and cfg.init_values and f'blocks.{j}.ls1.gamma' not in weights:  # DeiT/MAE
                 assert torch.all(state[f'{prefix}blocks.{j}.ls1.gamma'] == cfg.init_values)
         if cfg.class_token:
             assert torch.equal(state[prefix + 'cls_token'], weights['cls_token'])

@@ -10,7 +10,7 @@ from piip_timm.convert import convert_original_state_dict
 
 from conftest import load_case, reference_files
 
-CASES = reference_files('cases') + reference_files('convnext/cases')
+CASES = reference_files('cases') + reference_files('convnext/cases') + reference_files('vit-families/cases')
 
 
 def _build(case, state):
@@ -22,6 +22,8 @@ def test_all_published_cases_are_found():
     names = {p.stem for p in CASES}
     assert {'cls2', 'cls3_augreg', 'cls3_merged', 'cls3_sephead', 'cls4', 'det3', 'det3_lh6b_like', 'det4',
             'det3_cnn_ctcscb', 'det3_hybrid_ctvsvb', 'det3_hybrid_vtcscb'} <= names
+    assert {'det3_beit_sbl', 'det3_uniperceiver_sbl', 'det3_dinov2_sbl', 'det3_mae_sbl', 'det3_augreg_sbl',
+            'det3_dino_sbl384', 'det2_dino_h6b', 'seg2_h6b'} <= names
 
 
 @pytest.mark.parametrize('path', CASES, ids=[p.stem for p in CASES])
@@ -43,9 +45,11 @@ def test_loading_is_strict_and_complete(path):
     """Every original tensor lands in exactly one of ours, and every one of ours comes from the file."""
     case, state, _, _ = load_case(path)
     converted = convert_original_state_dict(state)
-    # Scalar merge weights (w1.., intermediate_merging_{i}_w1..) become one vector per merge.
+    # Scalar merge weights (w1.., intermediate_merging_{i}_w1..) become one vector per merge; BEiT's index
+    # buffers are checked and dropped (the model computes them).
     scalars = [k for k in state if re.search(r'(^|_)w\d$', k)]
-    assert len(converted) == len(state) - len(scalars) + len({k[:-1] for k in scalars})
+    index_buffers = [k for k in state if k.endswith('.attn.relative_position_index')]
+    assert len(converted) == len(state) - len(scalars) + len({k[:-1] for k in scalars}) - len(index_buffers)
     model = _build(case, state)
     inner = model.model if hasattr(model, 'model') else model
     assert set(inner.state_dict()) == set(converted)

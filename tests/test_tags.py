@@ -12,6 +12,7 @@
 """
 import copy
 import json
+import math
 import re
 import textwrap
 
@@ -59,9 +60,22 @@ TAG_ORIGINS = {
     **{f'piip_{name}.{tag}': (f'convnext/manifests/det_convnext_{name}_1024_672_448', None)
        for name in ('ct_cs_cb', 'ct_vs_vb', 'ct_cs_vb', 'ct_vs_cb', 'vt_cs_vb', 'vt_cs_cb', 'vt_vs_cb')
        for tag in (('coco_1024_672_448', 'branches') if name == 'ct_cs_cb' else ('branches',))},
+    # The SBL detectors of other pretrained families, the DINO detectors and the UperNet backbones (TPAMI
+    # 2025): the vit-families manifests
+    **{f'piip_sbl.{tag}': (f'vit-families/manifests/det_{family}_sbl_1568_1120_672', None)
+       for family, tags in (('beit', ('coco_beitv2_1568_1120_672', 'beitv2_in22k')),
+                            ('uniperceiver', ('coco_uniperceiver_1568_1120_672',)),
+                            ('dinov2', ('coco_dinov2_1568_1120_672', 'dinov2_lvd142m')),
+                            ('mae', ('coco_mae_1568_1120_672', 'mae_in1k')),
+                            ('augreg', ('coco_augreg_1568_1120_672', 'augreg384_in21k_ft_in1k')))
+       for tag in tags},
+    **{f'piip_sbl.{tag}': ('vit-families/manifests/det_dino_deit384_sbl_1792_1120_672', None)
+       for tag in ('coco_dino_1792_1120_672', 'deit3_384_in22k')},
+    'piip_h6b.coco_dino_1024_768': ('vit-families/manifests/det_dino_h6b_1024_768', None),
+    **{f'piip_h6b.ade20k_512_{size}': (f'vit-families/manifests/seg_upernet_h6b_{size}_512', None)
+       for size in (192, 256, 384, 512)},
 }
 TAGS = sorted(TAG_ORIGINS)
-LEVELS = ['up4', 'up2', 'same', 'down2']
 
 
 def manifest(name: str) -> dict:
@@ -93,14 +107,26 @@ def original_shapes(tag: str) -> dict:
     return {k: list(v.shape) for k, v in converted.items() if not re.match(r'branches\.\d+\.head\.norm\.', k)}
 
 
+def window_index(window: int) -> torch.Tensor:
+    """The relative position index buffer of the original BEiT for a window (row i, column j: the table row
+    of the offset between tokens i and j), written out here."""
+    side = 2 * window - 1
+    return torch.tensor([[(i // window - j // window + window - 1) * side + (i % window - j % window + window - 1)
+                          for j in range(window * window)] for i in range(window * window)])
+
+
 def released_file(tag: str) -> bytes:
-    """A checkpoint in the released file's exact layout (full-size shapes, one small shared storage)."""
+    """A checkpoint in the released file's exact layout (full-size shapes, one small shared storage; BEiT's
+    index buffers hold the index, as in the real file)."""
     name, _ = TAG_ORIGINS[tag]
     shapes = {k: v for k, v in manifest(name)['keys'].items()}
     if tag == 'piip_sbl.in1k_320':  # the 320 px classifier: pos_embeds on its own grids
         for i, size in enumerate((96, 160, 320)):
             shapes[f'branch{i + 1}.pos_embed'] = [1, 1 + (size // 16) ** 2, shapes[f'branch{i + 1}.pos_embed'][2]]
     state = shared_storage_state(shapes)
+    for key, shape in shapes.items():
+        if key.endswith('.relative_position_index'):
+            state[key] = window_index(math.isqrt(shape[0]))
     return released_classifier_file(state) if RELEASED_FILES[tag].startswith('classification/') \
         else released_detector_file(state)
 
@@ -130,7 +156,9 @@ def built(tmp_path_factory):
     hub = LocalHub(root)
     for tag, filename in RELEASED_FILES.items():
         hub.add('OpenGVLab/PIIP', filename, released_file(tag))
-    jobs = [(tag, tag in RELEASED_FILES, RELEASED_FILES.get(tag, '').startswith('detection/')) for tag in TAGS]
+    # Released detector and segmentation backbones are loaded as backbones (features_only=True).
+    jobs = [(tag, tag in RELEASED_FILES, tag in RELEASED_FILES and not RELEASED_FILES[tag].startswith('classification/'))
+            for tag in TAGS]
     out = root / 'built.json'
     with hub:
         result = run_python(BUILD_SCRIPT.format(jobs=jobs, out=str(out)), hub.endpoint, root / 'hf_home')
@@ -173,15 +201,17 @@ def test_tag_builds_the_architecture_it_was_released_with(built, tag):
     merge = 'single_conv' if regular_fpn else 'conv'
     if task == 'cls':
         expected = dict(head='separate', merge=None, pyramid=None, num_classes=1000, global_pool='first_patch')
-    elif tag in RELEASED_FILES:  # a released detector backbone, loaded with features_only=True
-        # regular FPN: the merges after interactions 0, 1, 10 and the last are at strides 4-32 already
-        expected = dict(head=None, merge=merge, pyramid=['same'] * 4 if regular_fpn else LEVELS, num_classes=0)
+    elif tag in RELEASED_FILES:  # a released detector / segmentation backbone, loaded with features_only=True
+        # regular FPN: the merges after interactions 0, 1, 10 and the last are at strides 4-32 already; simple
+        # pyramid: the levels the original builds (the two-branch DINO detector builds no fpn1)
+        expected = dict(head=None, merge=merge, pyramid=['same'] * 4 if regular_fpn else kwargs['pyramid'],
+                        num_classes=0)
     else:  # branch weights in a detector's configuration: the merged classifier (LayerNorm, pool, linear)
         expected = dict(head='merged', merge=merge, pyramid=None, num_classes=1000, global_pool='avg')
     assert {k: got[k] for k in expected} == expected
 
     shapes = original_shapes(tag)
-    if task == 'det' and tag not in RELEASED_FILES:  # a classifier: no dense outputs, a head on the merged map
+    if task != 'cls' and tag not in RELEASED_FILES:  # a classifier: no dense outputs, a head on the merged map
         width = next(v[0] for k, v in shapes.items() if k.startswith('merges.0.norm'))
         shapes = {k: v for k, v in shapes.items() if not k.startswith(('pyramid.', 'out_merges.'))}
         shapes.update({'norm.weight': [width], 'norm.bias': [width], 'head.weight': [1000, width],

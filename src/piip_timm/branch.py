@@ -6,9 +6,10 @@ of its counted layers on tokens ``(B, H*W, C)`` of its current grid; width and g
 a range (ConvNeXt stages), so the model asks the branch for the width and stride after any layer.
 
 The model talks to branches only through this interface, so every branch kind goes through the same
-code path; a new kind of branch is one class that implements it, plus its config dataclass.
+code path; a new kind of branch is one class that implements it, plus its config dataclass, listed in
+``branch_kinds``.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -114,7 +115,7 @@ class PIIPBranch(nn.Module):
         return state
 
     @staticmethod
-    def original_key(rest: str) -> Optional[str]:
-        """A key of this kind of branch in the original code's layout (after ``branchK.``) -> this
-        package's, or None when the key belongs to another kind of branch."""
+    def original_state(state: Mapping[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """One branch of a checkpoint in the original code's layout (keys after ``branchK.``) -> this
+        package's names, or None when its keys are those of another kind of branch."""
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""A PIIP from any timm ViT / ConvNeXt model names: the paper's recipe applied to other pretrained models.
+"""A PIIP from any timm ViT / ConvNeXt / BEiT model names: the paper's recipe applied to other pretrained models.
 
 ``create_piip(['deit3_base_patch16_224.fb_in22k_ft_in1k', 'convnext_small.fb_in1k',
 'deit_tiny_patch16_224.fb_in1k'], img_sizes=(448, 672, 1024), pretrained=True)`` builds the branches
@@ -12,10 +12,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
-from timm.models import ConvNeXt, VisionTransformer
+from timm.models import Beit, ConvNeXt, VisionTransformer
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from .beit_branch import BeitBranchCfg
 from .branch import BlockRanges
 from .convert import checkpoint_filter_fn
 from .convnext_branch import ConvNeXtBranchCfg
@@ -27,7 +28,7 @@ from .vit_branch import BranchCfg
 __all__ = ['create_piip', 'spread_layers', 'regular_fpn_interactions']
 
 # timm model classes a branch can be made of, and the config that describes such a branch.
-BRANCH_CONFIGS = ((VisionTransformer, BranchCfg), (ConvNeXt, ConvNeXtBranchCfg))
+BRANCH_CONFIGS = ((VisionTransformer, BranchCfg), (ConvNeXt, ConvNeXtBranchCfg), (Beit, BeitBranchCfg))
 
 
 def spread_layers(num_layers: int, num_interactions: int) -> BlockRanges:
@@ -65,7 +66,8 @@ def _timm_architecture(name: str, model_kwargs: Dict[str, Any]):
     for model_class, cfg_class in BRANCH_CONFIGS:
         if isinstance(model, model_class):
             return cfg_class, model
-    raise ValueError(f'{name} is a timm {type(model).__name__}; PIIP branches are timm VisionTransformers or ConvNeXts.')
+    raise ValueError(f'{name} is a timm {type(model).__name__}; PIIP branches are timm VisionTransformers, ConvNeXts '
+                     'or Beits.')
 
 
 def create_piip(
@@ -85,7 +87,8 @@ def create_piip(
     """A PIIP whose branches are the timm models ``model_names``, coarsest image (largest model) first.
 
     Args:
-        model_names: timm ViT (``VisionTransformer``) or ConvNeXt names, with a pretrained tag if wanted.
+        model_names: timm ViT (``VisionTransformer``), ConvNeXt or BEiT names, with a pretrained tag if wanted
+            (a BEiT's blocks attend in windows of its own grid, its tables keeping their size).
         img_sizes: the image side each branch is designed for, in the same order; the last is the input size.
         pretrained: load every branch's pretrained weights through timm's Hub loader (interactions, merges
             and heads start fresh, their gammas at zero: a fresh model is the sum of its pretrained branches).

@@ -5,18 +5,19 @@ The original names branches ``branch1..branch4`` and interaction units
 ``interaction_units_12/23/34``; this package has ``branches.{i}`` (timm ViT keys),
 ``interactions.{step}.{pair}``, ``merges.{i}``, ``branch_weights``, ``pyramid`` and
 ``head``. ConvNeXt branches (``branchK.convnext_model.*``, transformers ``ConvNextModel`` names)
-get timm's ``convnext_*`` names; the regular-FPN detectors' merges after interaction ``i``
-(``intermediate_merging_{i}_*``) become ``out_merges.{i}`` and their ``fpn{k}`` ``pyramid.{k-1}``.
-The mapping depends only on the keys (and, for merges, on which keys exist), so it runs without
-building a model.
+get timm's ``convnext_*`` names, Uni-Perceiver branches (``visual_embed.*``, ``layers.*``) timm ViT
+names, and BEiT branches keep timm Beit's names (their ``relative_position_index`` buffers are checked
+and dropped); each kind of branch recognises its own keys (``branch_kinds.ORIGINAL_LAYOUTS``). The
+regular-FPN detectors' merges after interaction ``i`` (``intermediate_merging_{i}_*``) become
+``out_merges.{i}`` and their ``fpn{k}`` ``pyramid.{k-1}``. The mapping depends only on the keys (and,
+for merges, on which keys exist), so it runs without building a model.
 """
 import re
 from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 import torch
 
-from .convnext_branch import ConvNeXtBranch
-from .vit_branch import ViTBranch
+from .branch_kinds import ORIGINAL_LAYOUTS
 from .weights import complete_state_dict
 
 __all__ = ['convert_original_state_dict', 'unwrap_state_dict', 'is_original_layout', 'to_package_layout',
@@ -93,13 +94,15 @@ def to_package_layout(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return convert_original_state_dict(state_dict) if is_original_layout(state_dict) else state_dict
 
 
-def _branch_key(index: int, rest: str) -> str:
-    if rest.startswith('head.'):  # a ViT branch's classifier: one of the separate heads
-        return f'head.{index}.{rest[len("head."):]}'
-    for kind in (ConvNeXtBranch, ViTBranch):  # each kind knows its original names; ViTs take the rest
-        key = kind.original_key(rest)
-        if key is not None:
-            return f'branches.{index}.{key}'
+def _branch_keys(index: int, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """One original branch's tensors (keys after ``branchK.``) -> this package's keys: a ViT branch's
+    classifier becomes one of the separate heads; the rest is converted by the kind of branch whose
+    layout the keys have."""
+    out = {f'head.{index}.{k[len("head."):]}': v for k, v in state.items() if k.startswith('head.')}
+    body = {k: v for k, v in state.items() if not k.startswith('head.')}
+    converted = next(c for c in (kind.original_state(body) for kind in ORIGINAL_LAYOUTS) if c is not None)
+    out.update({f'branches.{index}.{k}': v for k, v in converted.items()})
+    return out
 
 
 def _unit_key(step: str, coarse: int, fine: int, rest: str) -> str:
@@ -126,6 +129,7 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     regular_fpn = any(_OUT_MERGE.match(k) for k in state_dict)
     conv_merge = any(re.match(r'^merge_branch\d\.(1|3)\.', k) for k in state_dict)
     out: MutableMapping[str, torch.Tensor] = {}
+    branch_states: Dict[int, Dict[str, torch.Tensor]] = {}  # branch index -> its tensors, original names
     weights: Dict[str, Dict[int, torch.Tensor]] = {}  # stacked weight name -> branch number -> scalar
     unknown = []
 
@@ -143,7 +147,7 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
 
     for key, value in state_dict.items():
         if m := _BRANCH.match(key):
-            out[_branch_key(int(m.group(1)) - 1, m.group(2))] = value
+            branch_states.setdefault(int(m.group(1)) - 1, {})[m.group(2)] = value
         elif m := _UNIT.match(key):
             out[_unit_key(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4))] = value
         elif (m := _MERGE.match(key)) and (new := merge_key('merges', int(m.group(1)) - 1, m.group(2))):
@@ -164,6 +168,8 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[
     if unknown:
         raise ValueError(
             f'{len(unknown)} keys are not part of an original PIIP model this package can build: {unknown[:8]}.')
+    for index, branch_state in sorted(branch_states.items()):
+        out.update(_branch_keys(index, branch_state))
     for name, scalars in weights.items():
         if sorted(scalars) != list(range(1, len(scalars) + 1)):
             raise ValueError(f'branch weights of {name} are incomplete: found w{sorted(scalars)}.')

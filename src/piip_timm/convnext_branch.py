@@ -5,11 +5,11 @@ downsampling layer (LayerNorm + 2x2 stride-2 conv) is one counted layer, so an i
 cross a stage boundary and the width and stride change between interactions: ConvNeXt-T has 21
 counted layers, ConvNeXt-S/B 39. The stem (4x4 stride-4 conv + LayerNorm) is the embedding. Parameter
 names are timm's ``convnext_*`` names, so timm's ``convnext_*.fb_in1k`` weights load as they are; the
-original's checkpoints (transformers ``ConvNextModel`` names) are converted by ``original_key``.
+original's checkpoints (transformers ``ConvNextModel`` names) are converted by ``original_state``.
 """
 import re
 from dataclasses import dataclass, replace
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Mapping, Optional, Tuple
 
 import torch
 from timm.layers.activations import GELU as TimmGELU
@@ -181,11 +181,13 @@ class ConvNeXtBranch(PIIPBranch, ConvNeXt):
         return {k: v for k, v in source.items() if k in own or not k.startswith('head.')}
 
     @staticmethod
-    def original_key(rest: str) -> Optional[str]:
-        """A key of the original's ``ConvNextHFWrapper`` (``convnext_model.*``) -> timm's, None for other kinds."""
-        if not rest.startswith('convnext_model.'):
+    def original_state(state: Mapping[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        """The original's ``ConvNextHFWrapper`` (``convnext_model.*``, transformers names) -> timm's names;
+        None for other kinds of branch."""
+        prefix = 'convnext_model.'
+        if not any(k.startswith(prefix) for k in state):
             return None
-        return hf_convnext_key(rest[len('convnext_model.'):])
+        return {hf_convnext_key(k[len(prefix):]) if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 _HF_BLOCK_PARTS = {

@@ -30,7 +30,8 @@ from .hub import _INDEX_FILES as INDEX_FILES
 from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict, load_sharded_state_dict
 from .layers.llava_projector import BranchMapProjector
 from .piip import PIIP, BranchSpec, InteractionCfg
-from .variants import CONVNEXT_SB_RANGES, VariantCfg, _cfg, as_branch_cfg, customize_branches, requested_tag
+from .branch_kinds import as_branch_cfg
+from .variants import CONVNEXT_SB_RANGES, VariantCfg, _cfg, customize_branches, requested_tag
 from .weights import load_checkpoint_file, load_strict
 
 __all__ = ['LLAVA_TASKS', 'TOWER_PREFIX', 'PROJECTOR_PREFIX', 'KNOWN_CLIP', 'translate_llava_config',
@@ -428,20 +429,12 @@ def tower_filter_fn(state_dict: Dict[str, Any], model: PIIP) -> Dict[str, torch.
     return checkpoint_filter_fn(convert_llava_tower_state_dict(state_dict), model)
 
 
-def _branch_spec(cfg: Union[BranchSpec, Mapping[str, Any]]) -> BranchSpec:
-    """A branch config, or its dict (kind 'clip', 'vit' or 'convnext')."""
-    if isinstance(cfg, Mapping) and cfg.get('kind') == 'clip':
-        cfg = dict(cfg, block_ranges=tuple(tuple(r) for r in cfg['block_ranges']))
-        return CLIPBranchCfg(**cfg)
-    return as_branch_cfg(cfg)
-
-
 def _create_tower(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     name = requested_tag(kwargs, TOWER_TAGS[variant])
     tag = TOWER_TAGS[variant].get(name)
     spec = TOWERS[variant]
     branches = customize_branches(
-        [_branch_spec(b) for b in kwargs.pop('branches', None) or spec.branches],
+        [as_branch_cfg(b) for b in kwargs.pop('branches', None) or spec.branches],
         kwargs.pop('img_size', None), -1, kwargs.pop('drop_path_rate', None))
     interaction = kwargs.pop('interaction', spec.interaction)
     if isinstance(interaction, Mapping):

@@ -2,7 +2,8 @@
 
 ``from_original(config, task)`` takes ``model['backbone']`` of an original config file
 (``classification/configs/*.py`` for ``task='cls'``; ``mmdetection/configs/piip/**`` minus
-``type`` for ``task='det'``) and honours the original code's semantics, quirks included:
+``type`` for ``task='det'``; ``mmsegmentation/configs/piip/**`` for ``task='seg'``) and honours the
+original code's semantics, quirks included:
 the defaults of each original class, the branch class chosen from the ``pretrained``
 string in detection configs (the string is never opened; a ConvNeXt's architecture comes from
 the real model's name or from ``pretrained_configs``), and ``piip_4branch.py`` building its fourth
@@ -16,8 +17,10 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from .convert import to_package_layout
+from .beit_branch import BeitBranchCfg
 from .convnext_branch import CONVNEXT_SIZES, ConvNeXtBranchCfg, convnext_layer_strides
 from .piip import PIIP, BranchCfg, InteractionCfg
+from .uniperceiver_branch import UniPerceiverBranchCfg
 from .weights import load_checkpoint_file, load_strict
 
 __all__ = ['from_original', 'translate_original_config']
@@ -136,7 +139,13 @@ def _internvit_branch(config: Mapping[str, Any], where: str, task: str) -> Branc
     else:
         patch_size = o.pop('patch_size', 14)
         img_size = o.pop('real_size')
-        grid = o.pop('pretrain_img_size', 224) // patch_size
+        if task == 'seg':
+            # mmseg builds pos_embed at the branch's img_size and adds it unresized; pretrain_img_size
+            # only matters when the original loads a pretrained file.
+            o.pop('pretrain_img_size', None)
+            grid = o.pop('img_size', 224) // patch_size
+        else:
+            grid = o.pop('pretrain_img_size', 224) // patch_size
         class_token = False
         init_values = o.pop('init_values', 0.1)
         qk_norm = o.pop('qk_normalization', True)
@@ -169,8 +178,69 @@ def _internvit_branch(config: Mapping[str, Any], where: str, task: str) -> Branc
         drop_path_rate=o.pop('drop_path_rate', 0.0),
         drop_path_schedule=schedule,
     )
-    # The detection InternViT6B swallows unknown keyword arguments (**kwargs); the classification one does not.
-    o.finish(ignore_unknown=task == 'det')
+    # The mmdet/mmseg InternViT6B swallows unknown keyword arguments (**kwargs); the classification one does not.
+    o.finish(ignore_unknown=task != 'cls')
+    return cfg
+
+
+def _base_sized_fields(o: _Options, where: str) -> Dict[str, Any]:
+    """Fields that mmdet's beit.py and uniperceiver.py read alike (both default to a ViT-B, linear drop path)."""
+    return dict(
+        img_size=o.pop('real_size'),
+        embed_dim=o.pop('embed_dim', 768),
+        depth=o.pop('depth', 12),
+        num_heads=o.pop('num_heads', 12),
+        block_ranges=_ranges(o.pop('interaction_indexes'), where),
+        mlp_ratio=o.pop('mlp_ratio', 4.0),
+        drop_path_rate=o.pop('drop_path_rate', 0.0),
+        drop_path_schedule='linear',
+    )
+
+
+def _beit_branch(config: Mapping[str, Any], where: str) -> BeitBranchCfg:
+    """``BEiT`` (mmdet beit.py, BEiTv2 weights): per-block window tables, no absolute pos-embed."""
+    o = _Options(dict(config), where)
+    fields = _base_sized_fields(o, where)
+    if o.pop('use_abs_pos_emb', False):
+        raise ValueError(f'{where}: use_abs_pos_emb=True is not supported for BEiT branches (no released config uses it).')
+    if o.pop('use_shared_rel_pos_bias', False):
+        raise ValueError(f'{where}: use_shared_rel_pos_bias=True is not supported; every block owns its table.')
+    if o.pop('with_fpn', False):
+        raise ValueError(f'{where}: with_fpn=True (a per-branch FPN) is not supported.')
+    o.pop('use_rel_pos_bias', None)  # accepted and unused by the original: every block has a table
+    for unused in ('pretrain_img_size', 'use_checkpoint', 'num_classes'):
+        o.pop(unused, None)
+    windows = _windows(o.pop('window_attn', False), o.pop('window_size', 14), fields['depth'], exact_true=False)
+    if not all(windows):
+        raise ValueError(f'{where}: every BEiT block needs window_attn (a global block with a window-sized '
+                         f'table only runs on a grid of exactly that window); got windows {list(windows)}.')
+    cfg = BeitBranchCfg(
+        **fields,
+        patch_size=o.pop('patch_size', 16),
+        qkv_bias=o.pop('qkv_bias', False),
+        init_values=o.pop('init_values', None),
+        window_size=windows,
+    )
+    o.finish()
+    return cfg
+
+
+def _uniperceiver_branch(config: Mapping[str, Any], where: str) -> UniPerceiverBranchCfg:
+    """``UnifiedBertEncoder`` (mmdet uniperceiver.py) as a timm ViT (see uniperceiver_branch.py)."""
+    o = _Options(dict(config), where)
+    fields = _base_sized_fields(o, where)
+    patch_size = o.pop('patch_size', 16)
+    if patch_size != 16:
+        raise ValueError(f'{where}: Uni-Perceiver branches need patch_size 16 (the original hard-codes its grid '
+                         f'as H // 16), got {patch_size}.')
+    cfg = UniPerceiverBranchCfg(
+        **fields,
+        patch_size=patch_size,
+        pos_embed_grid=o.pop('pretrain_img_size', 224) // 16,
+        window_size=_windows(o.pop('window_attn', False), o.pop('window_size', 14), fields['depth'], exact_true=False),
+        window_padding='tokens',
+    )
+    o.finish()
     return cfg
 
 
@@ -258,19 +328,29 @@ def _branch_configs(config: Mapping[str, Any], task: str, pretrained_configs: Ma
                 branch = source
             branches.append(_deit_branch(branch, name, task))
             continue
+        if task == 'seg':
+            if len(names) != 2:
+                raise ValueError(f'task "seg" is the mmseg PIIPTwoBranch: it needs 2 branches, got {len(names)}.')
+            if 'deit' in str(branch.get('pretrained')):
+                raise ValueError(f'{name}: DeiT branches of the mmseg backbone are not supported (no released '
+                                 'config uses them); only InternViT6B-class branches are.')
+            branches.append(_internvit_branch(branch, name, task))  # mmseg knows no other branch class
+            continue
         pretrained = branch.get('pretrained')
         if not isinstance(pretrained, str):
             raise ValueError(f'{name}: detection configs choose the branch class from the "pretrained" string; '
                              f'got {pretrained!r}.')
-        for unsupported in ('beit', 'perceiver'):
-            if unsupported in pretrained:
-                raise ValueError(f'{name}: {unsupported} branches ("{pretrained}") are not supported.')
-        if 'convnext' in pretrained:
+        # The original's order of tests on the pretrained string.
+        if 'deit' in pretrained:
+            branches.append(_deit_branch(branch, name, task))
+        elif 'beit' in pretrained:
+            branches.append(_beit_branch(branch, name))
+        elif 'perceiver' in pretrained:
+            branches.append(_uniperceiver_branch(branch, name))
+        elif 'convnext' in pretrained:
             if len(names) != 3:
                 raise ValueError(f'{name}: ConvNeXt branches exist only in the three-branch original (PIIPThreeBranch).')
             branches.append(_convnext_branch(branch, name, pretrained_configs))
-        elif 'deit' in pretrained:
-            branches.append(_deit_branch(branch, name, task))
         else:
             branches.append(_internvit_branch(branch, name, task))
     return branches
@@ -287,8 +367,8 @@ def translate_original_config(
     ``pretrained_configs``: ``{name: {'hidden_sizes': [...], 'depths': [...]}}`` for ConvNeXt branches whose
     ``pretrained`` name is not one of the real ``facebook/convnext-*`` models.
     """
-    if task not in ('cls', 'det'):
-        raise ValueError(f"task must be 'cls' or 'det', got {task!r}.")
+    if task not in ('cls', 'det', 'seg'):
+        raise ValueError(f"task must be 'cls', 'det' or 'seg', got {task!r}.")
     o = _Options({k: v for k, v in config.items() if k not in ('type', '_delete_')}, 'backbone config')
     branches = _branch_configs(config, task, pretrained_configs or {})
     for name in [k for k in o.values if k.startswith('branch')]:
@@ -323,8 +403,9 @@ def translate_original_config(
                 raise ValueError('use_cls_head=False (a merged map without head) is not supported for task="cls".')
             kwargs.update(head='merged', merge='linear', num_classes=num_classes, global_pool='avg')
     else:
-        is_dino = o.pop('is_dino', False)
-        simple_fpn = o.pop('with_simple_fpn', True)
+        # mmseg's PIIPTwoBranch has no is_dino or with_simple_fpn (unknown keys there) and returns four maps.
+        is_dino = o.pop('is_dino', False) if task == 'det' else False
+        simple_fpn = o.pop('with_simple_fpn', True) if task == 'det' else True
         out_interactions = o.pop('out_interaction_indexes', None)
         o.pop('pretrained', None)
         o.pop('cal_flops', None)
@@ -363,11 +444,11 @@ def from_original(
 
     Args:
         config: ``model['backbone']`` of an original config file (``type`` may be left in).
-        task: ``'cls'``: the module's forward returns logits; ``'det'``: it returns the list of
-            feature maps the mmdet backbone returns; ``'llava_vision_tower'``: ``config`` is a PIIP-LLaVA
-            ``model['backbone']``, the forward returns the two branch maps; ``'llava_projector'``: ``config`` is
-            ``{'config': model['projector'], 'out_dim': LLM width}``, the forward maps the two maps to image
-            tokens (see ``piip_timm.llava``).
+        task: ``'cls'``: the module's forward returns logits; ``'det'`` / ``'seg'``: it returns the list
+            of feature maps the mmdet / mmseg backbone returns; ``'llava_vision_tower'``: ``config`` is a
+            PIIP-LLaVA ``model['backbone']``, the forward returns the two branch maps; ``'llava_projector'``:
+            ``config`` is ``{'config': model['projector'], 'out_dim': LLM width}``, the forward maps the two maps
+            to image tokens (see ``piip_timm.llava``).
         checkpoint: optional weights in the original layout (or this package's): a state dict, or a path to a ``.pth``/``.bin``
             (loaded with ``weights_only=True``) or ``.safetensors`` file; ``model``/``state_dict``/``module``
             wrappers and mmdet's ``backbone.`` prefix are accepted. Loading is strict.
@@ -383,6 +464,6 @@ def from_original(
     if checkpoint is not None:
         state = load_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
         load_strict(model, to_package_layout(state))
-    if task == 'det':
+    if task in ('det', 'seg'):
         return FeatureGetterNet(model, out_indices=returned, prune=False)
     return model

@@ -15,8 +15,9 @@ chosen interactions and bring each merge to its stride (the regular-FPN detector
 the ConvNeXt and hybrid configurations): strides 4/8/16/32 of the input either way.
 
 Branches are stock timm models behind one interface (``branch.PIIPBranch``): timm
-ViTs (``vit_branch``) and ConvNeXts (``convnext_branch``), any number of them, in
-any mix; the model never asks which kind a branch is. Variants and pretrained tags
+ViTs (``vit_branch``), ConvNeXts (``convnext_branch``), BEiTs (``beit_branch``) and
+Uni-Perceiver's ViT (``uniperceiver_branch``), listed in ``branch_kinds``; any number
+of them, in any mix; the model never asks which kind a branch is. Variants and pretrained tags
 are declared in ``variants``; weight conversion lives in ``convert``.
 """
 import math
@@ -102,8 +103,8 @@ class PIIP(nn.Module):
     """Parameter-inverted image pyramid of pretrained branches with bidirectional interactions.
 
     Args:
-        branches: branch configs (``BranchCfg`` for ViTs, ``ConvNeXtBranchCfg`` for ConvNeXts) from
-            the coarsest image (largest model) to the finest.
+        branches: branch configs (``BranchCfg`` for ViTs, ``ConvNeXtBranchCfg`` for ConvNeXts,
+            ``BeitBranchCfg``, ``UniPerceiverBranchCfg``) from the coarsest image (largest model) to the finest.
         interaction: interaction-unit hyper-parameters.
         head: ``'separate'``: every branch keeps its final norm and has its own linear head,
             logits are their mean (PIIP's ImageNet classifiers; ViT branches only); ``'merged'``: norm,
@@ -316,7 +317,8 @@ class PIIP(nn.Module):
         names = set()
         for i, branch in enumerate(self.branches):
             own = branch.no_weight_decay() if hasattr(branch, 'no_weight_decay') else set()
-            names |= {f'branches.{i}.{n}' for n in own if getattr(branch, n, None) is not None}
+            params = dict(branch.named_parameters())  # (BEiT names its per-block tables by their full path)
+            names |= {f'branches.{i}.{n}' for n in own if n in params}
         return names
 
     @torch.jit.ignore

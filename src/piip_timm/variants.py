@@ -8,15 +8,18 @@ V for ViT, T/S/B for the size). Any other mix of branches goes through the same 
 """
 import pickle
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .branch import BlockRanges, even_block_ranges
+from .branch_kinds import BRANCH_KINDS, as_branch_cfg  # noqa: F401 (BRANCH_KINDS: its former home)
+from .beit_branch import BeitBranchCfg
 from .convert import checkpoint_filter_fn
 from .convnext_branch import CONVNEXT_SIZES, ConvNeXtBranchCfg
 from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict
 from .piip import PIIP, BranchSpec, HeadStyle, InteractionCfg, MergeStyle
+from .uniperceiver_branch import UniPerceiverBranchCfg
 from .vit_branch import BranchCfg
 from .weights import allow_training_metadata
 
@@ -52,11 +55,13 @@ def vit_branch(
         drop_path_rate: float,
         num_interactions: int,
         block_ranges: Optional[BlockRanges] = None,
+        cfg_class: Type[BranchCfg] = BranchCfg,
         **kwargs,
 ) -> BranchCfg:
-    """A branch of one of the standard ViT sizes, its blocks split evenly over the interactions by default."""
+    """A branch of one of the standard ViT sizes (a ViT, or a ``cfg_class`` of the ViT family: BEiT,
+    Uni-Perceiver), its blocks split evenly over the interactions by default."""
     embed_dim, depth, num_heads = VIT_SIZES[size]
-    return BranchCfg(
+    return cfg_class(
         img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
         block_ranges=block_ranges or even_block_ranges(depth, num_interactions), drop_path_rate=drop_path_rate,
         **kwargs)
@@ -89,6 +94,8 @@ class VariantCfg:
     head: HeadStyle = 'separate'
     merge: Optional[MergeStyle] = None
     out_interactions: Optional[Tuple[int, ...]] = None
+    pyramid: Optional[Tuple[str, ...]] = None  # simple-pyramid levels features_only builds (default ALL_LEVELS)
+    out_indices: Optional[Tuple[int, ...]] = None  # levels features_only returns (default all it builds)
 
 
 ALL_LEVELS = ('up4', 'up2', 'same', 'down2')
@@ -126,6 +133,63 @@ def tsbl_detector(sizes=(448, 672, 896, 1344), released: bool = False) -> Varian
         vit_branch('S', sizes[2], 0.05, 12, window_size=28, **DEIT_DET),
         finest,
     ), head='merged', merge='conv')
+
+
+# Branches the original builds as its InternViT6B class (DINOv2, MAE, AugReg weights in SBL detectors):
+# LayerNorm, qkv bias, layer scale 1.0 (trained even where the pretrained model had none) and a
+# pos_embed class slot that is never used.
+INTERNVIT_CLASS = dict(init_values=1.0, pos_embed_class_slot=True, drop_path_schedule='linear')
+BEIT_DET = dict(cfg_class=BeitBranchCfg, init_values=1e-6)
+UNIPERCEIVER_DET = dict(cfg_class=UniPerceiverBranchCfg, pos_embed_grid=14)
+
+# Coarse-to-fine branch options of the SBL detectors of other pretrained families
+# (mmdetection/configs/piip/3branch/mask_rcnn_{family}_sbl_1568_1120_672_*), and their drop-path rates.
+SBL_FAMILIES = {
+    'beitv2': ((BEIT_DET, BEIT_DET, DEIT_DET), (0.4, 0.15, 0.05)),
+    'uniperceiver': ((UNIPERCEIVER_DET, UNIPERCEIVER_DET, DEIT_DET), (0.4, 0.15, 0.05)),
+    'dinov2': ((dict(INTERNVIT_CLASS, pos_embed_grid=32),) * 3, (0.4, 0.3, 0.2)),
+    'mae': ((dict(INTERNVIT_CLASS, pos_embed_grid=14),) * 2 + (DEIT_DET,), (0.4, 0.15, 0.05)),
+    'augreg': ((dict(INTERNVIT_CLASS, pos_embed_grid=24),) * 3, (0.4, 0.3, 0.2)),
+}
+
+
+def sbl_family_detector(family: str) -> VariantCfg:
+    """L/B/S branches of one pretrained family on 672/1120/1568 px, windows of 28 (DeiT III-S as the
+    finest branch where the family has no small model)."""
+    options, rates = SBL_FAMILIES[family]
+    return VariantCfg(branches=tuple(
+        vit_branch(size, img_size, rate, 12, window_size=28, **extra)
+        for size, img_size, rate, extra in zip('LBS', (672, 1120, 1568), rates, options)), head='merged', merge='conv')
+
+
+def dino_sbl_detector(sizes=(672, 1120, 1792)) -> VariantCfg:
+    """mmdetection/configs/piip/3branch/dino_4scale_deit_384_sbl_*: DeiT III-L/B/S-384, windows of 24 in
+    blocks i % 3 != 2. The original builds fpn1 but returns only the three finer levels."""
+    def branch(size, img, rate):
+        depth = VIT_SIZES[size][1]
+        windows = tuple(None if i % 3 == 2 else 24 for i in range(depth))
+        return vit_branch(size, img, rate, 12, window_size=windows, init_values=1.0, pos_embed_grid=24)
+    return VariantCfg(branches=(branch('L', sizes[0], 0.4), branch('B', sizes[1], 0.15), branch('S', sizes[2], 0.05)),
+                      head='merged', merge='conv', out_indices=(1, 2, 3))
+
+
+H6B_RANGES_H = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 10), (11, 13), (14, 16), (17, 19), (20, 22), (23, 25),
+                (26, 28), (29, 31))
+
+
+def h6b_backbone(sizes: Tuple[int, int], mlp_act: str = 'gelu', task: str = 'det') -> VariantCfg:
+    """InternViT-6B / MAE ViT-H, 12 interactions. task 'det': mmdet Mask R-CNN; 'dino': mmdet DINO (no fpn1,
+    three levels); 'seg': mmseg UperNet (pos_embed at each branch's size, no interaction projections or norms)."""
+    grids = (sizes[0] // 16, sizes[1] // 16) if task == 'seg' else (14, 14)
+    branches = (
+        vit_branch('6B', sizes[0], 0.4, 12, **{**INTERNVIT_6B, 'mlp_act': mlp_act, 'pos_embed_grid': grids[0]}),
+        vit_branch('H', sizes[1], 0.4, 12, block_ranges=H6B_RANGES_H,
+                   **{**MAE_H, 'mlp_act': mlp_act, 'pos_embed_grid': grids[1]}),
+    )
+    if task == 'seg':
+        return VariantCfg(branches, InteractionCfg(project=False, norm=False), head='merged', merge='conv')
+    pyramid = ('up2', 'same', 'down2') if task == 'dino' else None
+    return VariantCfg(branches, head='merged', merge='conv', pyramid=pyramid)
 
 
 # The ConvNeXt and ViT-ConvNeXt hybrid detectors' branches (mmdetection/configs/piip/convnext/*): letter
@@ -176,14 +240,7 @@ VARIANTS: Dict[str, VariantCfg] = {
         interaction=InteractionCfg(project=False, norm=False),
         head='merged', merge='conv'),
     # COCO PIIP-H6B 1024/512 (mmdetection/configs/piip/2branch/mask_rcnn_internvit_h6b_1024_512_*)
-    'piip_h6b': VariantCfg(
-        branches=(
-            vit_branch('6B', 512, 0.4, 12, **{**INTERNVIT_6B, 'mlp_act': 'gelu'}),
-            vit_branch('H', 1024, 0.4, 12, **{**MAE_H, 'mlp_act': 'gelu'}, block_ranges=(
-                (0, 1), (2, 3), (4, 5), (6, 7), (8, 10), (11, 13), (14, 16), (17, 19), (20, 22), (23, 25),
-                (26, 28), (29, 31))),
-        ),
-        head='merged', merge='conv'),
+    'piip_h6b': h6b_backbone((512, 1024)),
     # COCO ConvNeXt / ViT-ConvNeXt hybrids 1024/672/448 (TPAMI 2025)
     **{f'piip_{name}': hybrid_detector(name) for name in HYBRID_NAMES},
 }
@@ -195,6 +252,13 @@ AUGREG = ('vit_large_patch16_224.augreg_in21k_ft_in1k', 'vit_base_patch16_224.au
 DEIT3_L, DEIT3_B, DEIT3_S = ('deit3_large_patch16_224.fb_in22k_ft_in1k', 'deit3_base_patch16_224.fb_in22k_ft_in1k',
                              'deit3_small_patch16_224.fb_in22k_ft_in1k')
 DEIT_T = 'deit_tiny_patch16_224.fb_in1k'
+BEITV2 = ('beitv2_large_patch16_224.in1k_ft_in22k', 'beitv2_base_patch16_224.in1k_ft_in22k')
+DINOV2 = ('vit_large_patch14_dinov2.lvd142m', 'vit_base_patch14_dinov2.lvd142m', 'vit_small_patch14_dinov2.lvd142m')
+MAE = ('vit_large_patch16_224.mae', 'vit_base_patch16_224.mae')
+AUGREG_384 = ('vit_large_patch16_384.augreg_in21k_ft_in1k', 'vit_base_patch16_384.augreg_in21k_ft_in1k',
+              'vit_small_patch16_384.augreg_in21k_ft_in1k')
+DEIT3_384 = ('deit3_large_patch16_384.fb_in22k_ft_in1k', 'deit3_base_patch16_384.fb_in22k_ft_in1k',
+             'deit3_small_patch16_384.fb_in22k_ft_in1k')
 INTERNVIT_6B_REPO = 'OpenGVLab/InternViT-6B-224px'
 MAE_H_TIMM = 'vit_huge_patch14_224.mae'
 DEIT3_L_384_TIMM = 'deit3_large_patch16_384.fb_in22k_ft_in1k'
@@ -253,6 +317,28 @@ PRETRAINED: Dict[str, Dict[str, PretrainedTag]] = {
            for sizes in ((448, 672, 1120), (448, 896, 1344), (672, 896, 1568), (672, 1120, 1568))},
         'deit3_in22k': PretrainedTag(sbl_detector(), branch_sources=_timm(DEIT3_L, DEIT3_B, DEIT3_S),
                                      notes='detector start: DeiT III-L/B/S branches; the rest fresh'),
+        **{f'coco_{family}_1568_1120_672': PretrainedTag(
+            sbl_family_detector(family), _coco(f'{file_kind}_sbl', (672, 1120, 1568)),
+            notes=f'COCO Mask R-CNN 1x backbone, {branches} branches, {scores}')
+           for family, file_kind, branches, scores in (
+               ('beitv2', 'beit', 'BEiTv2-L/B, DeiT III-S', '51.8 box / 45.4 mask AP'),
+               ('uniperceiver', 'uniperceiver', 'Uni-Perceiver-L/B, DeiT III-S', '48.8 box / 42.9 mask AP'),
+               ('dinov2', 'dinov2', 'DINOv2-L/B/S', '51.0 box / 44.7 mask AP'),
+               ('mae', 'mae', 'MAE-L/B, DeiT III-S', '49.1 box / 43.0 mask AP'),
+               ('augreg', 'augreg', 'AugReg-384 L/B/S', '48.3 box / 42.6 mask AP'))},
+        'coco_dino_1792_1120_672': PretrainedTag(
+            dino_sbl_detector(), 'detection/dino_4scale_deit_384_sbl_1792_1120_672_fpn_3x_coco_bs32_ms.pth',
+            notes='COCO DINO 4-scale 3x backbone, DeiT III-L/B/S-384 branches, 57.8 box AP'),
+        'beitv2_in22k': PretrainedTag(sbl_family_detector('beitv2'), branch_sources=_timm(*BEITV2, DEIT3_S),
+                                      notes='detector start: BEiTv2-L/B, DeiT III-S branches; the rest fresh'),
+        'dinov2_lvd142m': PretrainedTag(sbl_family_detector('dinov2'), branch_sources=_timm(*DINOV2),
+                                        notes='detector start: DINOv2-L/B/S branches; the rest fresh'),
+        'mae_in1k': PretrainedTag(sbl_family_detector('mae'), branch_sources=_timm(*MAE, DEIT3_S),
+                                  notes='detector start: MAE-L/B, DeiT III-S branches; the rest fresh'),
+        'augreg384_in21k_ft_in1k': PretrainedTag(sbl_family_detector('augreg'), branch_sources=_timm(*AUGREG_384),
+                                                 notes='detector start: AugReg-384 L/B/S branches; the rest fresh'),
+        'deit3_384_in22k': PretrainedTag(dino_sbl_detector(), branch_sources=_timm(*DEIT3_384),
+                                         notes='DINO detector start: DeiT III-L/B/S-384 branches; the rest fresh'),
     },
     'piip_tsbl': {
         'deit3_in22k': PretrainedTag(VARIANTS['piip_tsbl'], branch_sources=_timm(DEIT3_L, DEIT3_B, DEIT3_S, DEIT_T),
@@ -275,6 +361,14 @@ PRETRAINED: Dict[str, Dict[str, PretrainedTag]] = {
         'branches': PretrainedTag(VARIANTS['piip_h6b'], branch_sources=(
             BranchSource(internvit_repo=INTERNVIT_6B_REPO), BranchSource(timm_model=MAE_H_TIMM)),
             notes='InternViT-6B, MAE ViT-H branches; the rest fresh'),
+        'coco_dino_1024_768': PretrainedTag(
+            h6b_backbone((768, 1024), task='dino'), 'detection/dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms.pth',
+            notes='COCO DINO 4-scale 1x backbone, 60.0 box AP'),
+        **{f'ade20k_512_{size}': PretrainedTag(
+            h6b_backbone((size, 512), 'gelu_tanh', task='seg'),
+            f'segmentation/upernet_internvit_h6b_{size}_512_80k_ade20k_bs16_lr4e-5.pth',
+            notes=f'ADE20K UperNet 80k backbone (512x512 input), {miou} mIoU')
+           for size, miou in ((192, 57.81), (256, 58.35), (384, 59.32), (512, 59.85))},
     },
     **{f'piip_{name}': {
         **({'coco_1024_672_448': PretrainedTag(
@@ -336,21 +430,6 @@ def customize_branches(
     return branches
 
 
-BRANCH_KINDS = {'vit': BranchCfg, 'convnext': ConvNeXtBranchCfg}
-
-
-def as_branch_cfg(cfg: Union[BranchSpec, Mapping[str, Any]]) -> BranchSpec:
-    """A branch config, or its dict (``kind``: 'vit', the default, or 'convnext')."""
-    if isinstance(cfg, tuple(BRANCH_KINDS.values())):
-        return cfg
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(cfg).items()}
-    cfg['block_ranges'] = tuple(tuple(r) for r in cfg['block_ranges'])
-    kind = cfg.get('kind', 'vit')
-    if kind not in BRANCH_KINDS:
-        raise ValueError(f'unknown branch kind {kind!r}; choose from {sorted(BRANCH_KINDS)}.')
-    return BRANCH_KINDS[kind](**cfg)
-
-
 def model_args(model: 'PIIP') -> Dict[str, Any]:
     """JSON-serialisable constructor arguments that rebuild ``model`` through any piip_* entry point
     (``timm.create_model(entry_point_name(model), **model_args(model))``)."""
@@ -409,11 +488,13 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     merge = kwargs.pop('merge', spec.merge if spec else None)
     pyramid = kwargs.pop('pyramid', None)
     out_interactions = kwargs.pop('out_interactions', None)
+    out_indices = None
     if kwargs.get('features_only'):
         # The dense path needs merged maps: the regular-FPN detectors' merges after chosen interactions,
-        # or the simple pyramid on the final merge (classifiers get the detectors' conv merge).
+        # or the simple pyramid on the final merge (classifiers get the detectors' conv merge); a
+        # variant's own levels (the DINO detectors return three of them) unless others are asked for.
         if out_interactions is None and pyramid is None and spec is not None:
-            out_interactions = spec.out_interactions
+            out_interactions, pyramid, out_indices = spec.out_interactions, spec.pyramid, spec.out_indices
         merge = merge or 'conv'
         if out_interactions is None:
             pyramid = pyramid or ALL_LEVELS
@@ -442,7 +523,7 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
             model = build_model_with_cfg(
                 PIIP, variant, pretrained,
                 pretrained_filter_fn=checkpoint_filter_fn,
-                feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(
+                feature_cfg=dict(feature_cls='getter', out_indices=out_indices or tuple(range(
                     len(out_interactions) + 1 if out_interactions is not None else len(pyramid or ())))),
                 branches=branches, interaction=interaction, head=head, merge=merge, pyramid=pyramid,
                 out_interactions=out_interactions,

@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Dict, List, Literal, Optional, Tuple, Union
+from typing import Callable, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .branch import BlockRanges, Grid, PIIPBranch, on_meta
 from .layers import Attention
 
-__all__ = ['BranchCfg', 'ViTBranch', 'build_branch']
+__all__ = ['BranchCfg', 'IsotropicBranch', 'ViTBranch', 'build_branch', 'drop_single_model_parts']
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,12 @@ class BranchCfg:
     mlp_ratio: float = 4.0
     patch_size: int = 16
     qkv_bias: bool = True
-    init_values: Optional[float] = None  # layer scale; None: no layer scale
+    init_values: Optional[float] = None  # layer scale; None: no layer scale, 0.0: one starting at zero
     class_token: bool = False  # a class token runs through the blocks
     pos_embed_class_slot: bool = False  # pos_embed has a leading class slot that PIIP never adds
     pos_embed_grid: Optional[int] = None  # side of the stored pos_embed grid; default img_size // patch_size
     norm: Literal['layernorm', 'rmsnorm'] = 'layernorm'
+    norm_eps: float = 1e-6
     qk_norm: bool = False  # InternViT's q/k normalisation over the full width
     mlp_act: Literal['gelu', 'gelu_tanh'] = 'gelu'
     window_size: Union[None, int, Tuple[Optional[int], ...]] = None  # one for all blocks, or per block
@@ -69,10 +70,12 @@ class BranchCfg:
         return self.patch_size
 
     first_conv = 'patch_embed.proj'
+    family = 'ViT'  # the name summary() gives the branch
 
     def summary(self) -> str:
         windows = sorted({w for w in self.block_windows() if w}) or ['global']
-        return f'ViT width {self.embed_dim:>4}  depth {self.depth:>2}  heads {self.num_heads:>2}  attention {windows}'
+        return (f'{self.family} width {self.embed_dim:>4}  depth {self.depth:>2}  heads {self.num_heads:>2}  '
+                f'attention {windows}')
 
     def block_windows(self) -> Tuple[Optional[int], ...]:
         if isinstance(self.window_size, (tuple, list)):
@@ -115,8 +118,8 @@ class BranchCfg:
             qk_norm=not isinstance(block.attn.q_norm, nn.Identity), mlp_act='gelu_tanh' if tanh_gelu else 'gelu')
 
 
-def _norm_layer(kind: str) -> Callable[[int], nn.Module]:
-    return partial(RmsNorm, eps=1e-6) if kind == 'rmsnorm' else partial(LayerNorm, eps=1e-6)
+def _norm_layer(kind: str, eps: float) -> Callable[[int], nn.Module]:
+    return partial(RmsNorm, eps=eps) if kind == 'rmsnorm' else partial(LayerNorm, eps=eps)
 
 
 def _pos_embed_for_grid(pos_embed: torch.Tensor, grid_hw: Grid, stored: int) -> torch.Tensor:
@@ -128,50 +131,24 @@ def _pos_embed_for_grid(pos_embed: torch.Tensor, grid_hw: Grid, stored: int) -> 
 torch.fx.wrap('_pos_embed_for_grid')
 
 
-class ViTBranch(PIIPBranch, VisionTransformer):
-    """A timm VisionTransformer configured as a PIIP branch (no head; PIIP does the embedding)."""
+_SINGLE_MODEL_PARTS = ('norm', 'fc_norm', 'cls_token', 'reg_token', 'dist_token', 'head', 'head_dist', 'attn_pool',
+                       'norm_pre')
 
-    def __init__(self, cfg: BranchCfg, in_chans: int = 3, final_norm: bool = False, device=None, dtype=None) -> None:
-        windows = cfg.block_windows()
-        if cfg.class_token and any(windows):
-            raise ValueError('this ViT branch has a class token and windowed attention; use one or the other.')
-        needs_own_attention = cfg.qk_norm or any(windows)
-        super().__init__(
-            img_size=cfg.grid * cfg.patch_size,
-            patch_size=cfg.patch_size,
-            in_chans=in_chans,
-            num_classes=0,
-            global_pool='',
-            embed_dim=cfg.embed_dim,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias,
-            qk_norm=cfg.qk_norm,
-            init_values=cfg.init_values,
-            class_token=cfg.class_token or cfg.pos_embed_class_slot,
-            no_embed_class=not cfg.pos_embed_class_slot,
-            final_norm=final_norm,
-            norm_layer=_norm_layer(cfg.norm),
-            act_layer=GELUTanh if cfg.mlp_act == 'gelu_tanh' else nn.GELU,
-            attn_layer=Attention if needs_own_attention else TimmAttention,
-            weight_init='skip' if on_meta(device) else '',
-            device=device,
-            dtype=dtype,
-        )
-        self.cfg = cfg
-        if cfg.pos_embed_class_slot and not cfg.class_token:
-            # Checkpoints of these branches (InternViT-6B, MAE ViT-H in PIIP detectors) keep the class slot
-            # of pos_embed but have no class token; PIIP only ever uses the patch part.
-            self.cls_token = None
-        for block, window, rate in zip(self.blocks, windows, cfg.drop_path_rates()):
-            if window:
-                block.attn.window_size = window
-                block.attn.window_padding = cfg.window_padding
-            block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
-            block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
 
-    # ----------------------------------------------------------------- PIIPBranch
+def drop_single_model_parts(source: Dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Single-model weights without the parts of a classifier / pretrainer that a branch does not have
+    (final norms, class and register tokens, heads)."""
+    return {k: v for k, v in source.items() if k in own or k.split('.')[0] not in _SINGLE_MODEL_PARTS}
+
+
+class IsotropicBranch(PIIPBranch):
+    """The PIIP side of a ViT-family branch (a timm ViT, BEiT, ...): its counted layers are ``self.blocks``,
+    all of one width on one token grid; windowed blocks take the grid as (B, H, W, C).
+
+    Mixed into a timm model class; the config needs ``embed_dim``, ``patch_size``, ``mlp_ratio``,
+    ``block_ranges`` and ``window_size``.
+    """
+
     @property
     def layer_widths(self) -> Tuple[int, ...]:
         return (self.cfg.embed_dim,) * len(self.blocks)
@@ -183,21 +160,6 @@ class ViTBranch(PIIPBranch, VisionTransformer):
     @property
     def max_stride(self) -> int:
         return self.cfg.patch_size
-
-    @property
-    def prefix_count(self) -> int:
-        return 1 if self.cfg.class_token else 0
-
-    def embed(self, image: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Grid]:
-        x = self.patch_embed.proj(image)  # a strided conv: a partial last patch is dropped
-        grid_h, grid_w = x.shape[-2:]
-        # Tokens in (B, N, C) memory: a transposed view of the conv output would carry its channel-major
-        # strides through every residual add and make each LayerNorm copy its input (~5% of a detector's time).
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2).contiguous())
-        pos_embed = self.pos_embed[:, 1:] if self.cfg.pos_embed_class_slot else self.pos_embed
-        x = self.pos_drop(x + _pos_embed_for_grid(pos_embed, (grid_h, grid_w), self.cfg.grid))
-        prefix = self.cls_token.expand(x.shape[0], -1, -1) if self.cfg.class_token else None
-        return x, prefix, (grid_h, grid_w)
 
     def forward_layers(self, start, end, tokens, prefix, hw, checkpointing=False):
         x = tokens if prefix is None else torch.cat((prefix, tokens), dim=1)
@@ -233,6 +195,79 @@ class ViTBranch(PIIPBranch, VisionTransformer):
         self.blocks = self.blocks[:count]
         self.cfg = replace(cfg, depth=count, block_ranges=ranges, window_size=windows)
 
+    def set_block_drop_paths(self) -> None:
+        """Each block's stochastic depth from the config's schedule."""
+        for block, rate in zip(self.blocks, self.cfg.drop_path_rates()):
+            block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+            block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+
+class ViTBranch(IsotropicBranch, VisionTransformer):
+    """A timm VisionTransformer configured as a PIIP branch (no head; PIIP does the embedding)."""
+
+    def __init__(self, cfg: BranchCfg, in_chans: int = 3, final_norm: bool = False, device=None, dtype=None) -> None:
+        windows = cfg.block_windows()
+        if cfg.class_token and any(windows):
+            raise ValueError('this ViT branch has a class token and windowed attention; use one or the other.')
+        needs_own_attention = cfg.qk_norm or any(windows)
+        super().__init__(
+            img_size=cfg.grid * cfg.patch_size,
+            patch_size=cfg.patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            global_pool='',
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm=cfg.qk_norm,
+            # timm makes no layer scale for a falsy init value: a zero start is set below
+            init_values=1.0 if cfg.init_values == 0 else cfg.init_values,
+            class_token=cfg.class_token or cfg.pos_embed_class_slot,
+            no_embed_class=not cfg.pos_embed_class_slot,
+            final_norm=final_norm,
+            norm_layer=_norm_layer(cfg.norm, cfg.norm_eps),
+            act_layer=GELUTanh if cfg.mlp_act == 'gelu_tanh' else nn.GELU,
+            attn_layer=Attention if needs_own_attention else TimmAttention,
+            weight_init='skip' if on_meta(device) else '',
+            device=device,
+            dtype=dtype,
+        )
+        self.cfg = cfg
+        if cfg.pos_embed_class_slot and not cfg.class_token:
+            # Checkpoints of these branches (InternViT-6B, MAE ViT-H in PIIP detectors) keep the class slot
+            # of pos_embed but have no class token; PIIP only ever uses the patch part.
+            self.cls_token = None
+        for block, window in zip(self.blocks, windows):
+            if window:
+                block.attn.window_size = window
+                block.attn.window_padding = cfg.window_padding
+            if cfg.init_values == 0 and not on_meta(device):  # every block starts as the identity
+                nn.init.zeros_(block.ls1.gamma)
+                nn.init.zeros_(block.ls2.gamma)
+        self.set_block_drop_paths()
+
+    # ----------------------------------------------------------------- PIIPBranch
+    @property
+    def prefix_count(self) -> int:
+        return 1 if self.cfg.class_token else 0
+
+    def position_embedding(self, grid_hw: Grid) -> torch.Tensor:
+        """What the embedding adds to the patch tokens of a grid_hw grid: the stored pos_embed resampled."""
+        pos_embed = self.pos_embed[:, 1:] if self.cfg.pos_embed_class_slot else self.pos_embed
+        return _pos_embed_for_grid(pos_embed, grid_hw, self.cfg.grid)
+
+    def embed(self, image: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Grid]:
+        x = self.patch_embed.proj(image)  # a strided conv: a partial last patch is dropped
+        grid_h, grid_w = x.shape[-2:]
+        # Tokens in (B, N, C) memory: a transposed view of the conv output would carry its channel-major
+        # strides through every residual add and make each LayerNorm copy its input (~5% of a detector's time).
+        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2).contiguous())
+        x = self.norm_pre(self.pos_drop(x + self.position_embedding((grid_h, grid_w))))
+        prefix = self.cls_token.expand(x.shape[0], -1, -1) if self.cfg.class_token else None
+        return x, prefix, (grid_h, grid_w)
+
     def from_pretrained_weights(self, source: Dict[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
         """Single-model ViT weights -> this branch, the way the original initialised its branches: pos_embed
         resampled (bicubic, no antialias; class slot dropped for DeiT-style branches), patch kernels resized
@@ -240,12 +275,8 @@ class ViTBranch(PIIPBranch, VisionTransformer):
         a single-model classifier / pretrainer the branch does not have dropped."""
         cfg = self.cfg
         own = self.state_dict()
-        source = dict(source)
+        source = drop_single_model_parts(source, own)
         prefix = f'branches.{index}.'
-        for name in list(source):
-            if name not in own and name.split('.')[0] in ('norm', 'fc_norm', 'cls_token', 'reg_token', 'dist_token',
-                                                           'head', 'head_dist', 'attn_pool', 'norm_pre'):
-                del source[name]
         if 'pos_embed' in source:
             source['pos_embed'] = self._adapt_pos_embed(source['pos_embed'], prefix + 'pos_embed')
         kernel = source.get('patch_embed.proj.weight')
@@ -276,9 +307,10 @@ class ViTBranch(PIIPBranch, VisionTransformer):
         return torch.cat((pos[:, :slot], _resample_grid(pos[:, slot:], self.cfg.grid, key)), dim=1)
 
     @staticmethod
-    def original_key(rest: str) -> str:
-        """A key of the original's ViT branches (deit.py names its layer scales gamma_1/gamma_2) -> timm's."""
-        return re.sub(r'^blocks\.(\d+)\.gamma_([12])$', r'blocks.\1.ls\2.gamma', rest)
+    def original_state(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The original's ViT branches (deit.py's ``vit_models``, ``InternViT6B``): timm's names but for the
+        layer scales (``gamma_1/gamma_2``). Takes any branch no other kind claims."""
+        return {re.sub(r'^blocks\.(\d+)\.gamma_([12])$', r'blocks.\1.ls\2.gamma', k): v for k, v in state.items()}
 
 
 def _resample_grid(pos: torch.Tensor, grid: int, key: str) -> torch.Tensor:

@@ -7,10 +7,12 @@ from .feature_levels import FeatureLevels
 from .injector import Injector
 from .interaction import BidirectionalInteraction
 from .merge import ConvMerge, LinearMerge, SingleConvMerge
+from .rel_pos_attention import RelPosWindowAttention, window_relative_position_index
 from .simple_pyramid import PYRAMID_SCALES, SimpleFeaturePyramid
 
 __all__ = [
     'Attention', 'BranchMerge', 'merge_branch_maps', 'ConvFFN', 'DeformableCrossAttention', 'reference_points',
     'deform_sample', 'FeatureLevels', 'Injector', 'BidirectionalInteraction', 'ConvMerge', 'LinearMerge',
-    'SingleConvMerge', 'PYRAMID_SCALES', 'SimpleFeaturePyramid',
+    'SingleConvMerge', 'RelPosWindowAttention', 'window_relative_position_index', 'PYRAMID_SCALES',
+    'SimpleFeaturePyramid',
 ]
