@@ -205,6 +205,19 @@ _DEIT_T = 'timm/deit_tiny_patch16_224.fb_in1k'
 _MAE_H = 'timm/vit_huge_patch14_224.mae'
 # The Hub repositories of every branch of the tags assembled from single-model weights (coarse to fine):
 # the pretrained models the paper starts from (DeiT, DeiT III, AugReg, MAE, InternViT-6B).
+# Written out from the original README's model table: PIIP-LLaVA tower tag -> the config (and manifest)
+# it was trained with.
+RELEASED_TOWER_CONFIGS = {
+    'piip_llava_clip_bl_512_256.llava_7b': 'piip-llava_clip-bl_512-256_7B',
+    'piip_llava_clip_bl_512_448.llava_7b': 'piip-llava_clip-bl_512-448_7B',
+    'piip_llava_clip_bl_512_448.llava_13b': 'piip-llava_clip-bl_512-448_13B',
+    'piip_llava_convnext_b_clip_l_640_224.llava_7b': 'piip-llava_convnext-b_clip-l_640-224_7B',
+    'piip_llava_convnext_b_clip_l_1024_336.llava_7b': 'piip-llava_convnext-b_clip-l_1024-336_7B',
+    'piip_llava_convnext_b_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-b_clip-l_1024-336_13B',
+    'piip_llava_convnext_l_clip_l_1024_336.llava_7b': 'piip-llava_convnext-l_clip-l_1024-336_7B',
+    'piip_llava_convnext_l_clip_l_1024_336.llava_plus_7b': 'piip-llava-plus_convnext-l_clip-l_1024-336_7B',
+    'piip_llava_convnext_l_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-l_clip-l_1024-336_13B',
+}
 BRANCH_REPOS = {
     'piip_tsb.deit_in1k': ('timm/deit_base_patch16_224.fb_in1k', 'timm/deit_small_patch16_224.fb_in1k', _DEIT_T),
     'piip_tsb.deit3_in22k': (_DEIT3['base'], _DEIT3['small'], _DEIT_T),

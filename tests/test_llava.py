@@ -12,6 +12,7 @@ from piip_timm.llava import UNUSED_BRANCH_PARTS, convert_llava_projector_state_d
     convert_llava_tower_state_dict, projector_from_config
 
 from conftest import REFERENCE_DIR
+from fixtures import RELEASED_TOWER_CONFIGS
 
 LLAVA = REFERENCE_DIR / 'llava'
 CASES = ('llava2_clip_bl', 'llava2_convnext_clip')
@@ -149,18 +150,6 @@ def _meta_outputs(tower, m):
         return tower.forward_features(torch.empty(1, 3, size, size))
 
 
-# Written out from the original README's model table: tower tag -> the config it was trained with.
-TAG_CONFIGS = {
-    'piip_llava_clip_bl_512_256.llava_7b': 'piip-llava_clip-bl_512-256_7B',
-    'piip_llava_clip_bl_512_448.llava_7b': 'piip-llava_clip-bl_512-448_7B',
-    'piip_llava_clip_bl_512_448.llava_13b': 'piip-llava_clip-bl_512-448_13B',
-    'piip_llava_convnext_b_clip_l_640_224.llava_7b': 'piip-llava_convnext-b_clip-l_640-224_7B',
-    'piip_llava_convnext_b_clip_l_1024_336.llava_7b': 'piip-llava_convnext-b_clip-l_1024-336_7B',
-    'piip_llava_convnext_b_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-b_clip-l_1024-336_13B',
-    'piip_llava_convnext_l_clip_l_1024_336.llava_7b': 'piip-llava_convnext-l_clip-l_1024-336_7B',
-    'piip_llava_convnext_l_clip_l_1024_336.llava_plus_7b': 'piip-llava-plus_convnext-l_clip-l_1024-336_7B',
-    'piip_llava_convnext_l_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-l_clip-l_1024-336_13B',
-}
 # The single models behind each original ``pretrained`` name: timm tags, or the transformers repo itself.
 BRANCH_WEIGHTS = {
     'openai/clip-vit-base-patch16': 'vit_base_patch16_clip_quickgelu_224.openai',
@@ -174,16 +163,16 @@ BRANCH_WEIGHTS = {
 def test_every_released_model_has_a_tag():
     from piip_timm.llava import TOWER_TAGS
     released = {f'{v}.{n}' for v, tags in TOWER_TAGS.items() for n, t in tags.items() if t.repo}
-    assert released == set(TAG_CONFIGS)
+    assert released == set(RELEASED_TOWER_CONFIGS)
     assert len(TOWER_TAGS) == 7
 
 
-@pytest.mark.parametrize('tag', sorted(TAG_CONFIGS))
+@pytest.mark.parametrize('tag', sorted(RELEASED_TOWER_CONFIGS))
 def test_tag_is_the_architecture_it_was_released_with(tag):
     """The registered tower, its Hub repository, language-model width and branch-weight sources against the
     original config (the reference manifest) of the released model."""
     from piip_timm.llava import TOWER_TAGS, TOWERS, translate_llava_config
-    m = manifest(f'llava_{TAG_CONFIGS[tag]}')
+    m = manifest(f'llava_{RELEASED_TOWER_CONFIGS[tag]}')
     variant, name = tag.split('.')
     expected = translate_llava_config(m['constructor_kwargs'], m['pretrained_configs'])
     assert TOWERS[variant].branches == tuple(expected['branches'])

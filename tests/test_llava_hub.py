@@ -17,23 +17,11 @@ from safetensors.torch import load_file, save
 from piip_timm.llava import convert_llava_tower_state_dict, translate_llava_config
 
 from conftest import REFERENCE_DIR
-from fixtures import shared_storage_state
+from fixtures import RELEASED_TOWER_CONFIGS, shared_storage_state
 from hubtools import LocalHub, run_python
 
 LLAVA = REFERENCE_DIR / 'llava'
 TOWER, PROJECTOR = 'model.vision_tower.vision_tower.', 'model.mm_projector.'
-# Written out from the original README's model table: tag -> the config (manifest) it was trained with.
-RELEASED = {
-    'piip_llava_clip_bl_512_256.llava_7b': 'piip-llava_clip-bl_512-256_7B',
-    'piip_llava_clip_bl_512_448.llava_7b': 'piip-llava_clip-bl_512-448_7B',
-    'piip_llava_clip_bl_512_448.llava_13b': 'piip-llava_clip-bl_512-448_13B',
-    'piip_llava_convnext_b_clip_l_640_224.llava_7b': 'piip-llava_convnext-b_clip-l_640-224_7B',
-    'piip_llava_convnext_b_clip_l_1024_336.llava_7b': 'piip-llava_convnext-b_clip-l_1024-336_7B',
-    'piip_llava_convnext_b_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-b_clip-l_1024-336_13B',
-    'piip_llava_convnext_l_clip_l_1024_336.llava_7b': 'piip-llava_convnext-l_clip-l_1024-336_7B',
-    'piip_llava_convnext_l_clip_l_1024_336.llava_plus_7b': 'piip-llava-plus_convnext-l_clip-l_1024-336_7B',
-    'piip_llava_convnext_l_clip_l_1024_336_13b.llava_13b': 'piip-llava_convnext-l_clip-l_1024-336_13B',
-}
 LLM_ONLY_SHARD = 'model-00001-of-00003'
 # Reference cases standing in for a released model's weights (same model class and branch kinds).
 CASE_FOR_TAG = {'piip_llava_clip_bl_512_448.llava_13b': 'llava2_clip_bl',
@@ -41,7 +29,7 @@ CASE_FOR_TAG = {'piip_llava_clip_bl_512_448.llava_13b': 'llava2_clip_bl',
 
 
 def manifest(tag: str) -> dict:
-    return json.loads((LLAVA / 'manifests' / f'llava_{RELEASED[tag]}.json').read_text())
+    return json.loads((LLAVA / 'manifests' / f'llava_{RELEASED_TOWER_CONFIGS[tag]}.json').read_text())
 
 
 def llava_repo_files(tower: dict, projector: dict, fmt: str) -> dict:
@@ -100,7 +88,7 @@ def full_size(tmp_path_factory):
     root = tmp_path_factory.mktemp('llava_hub')
     server = LocalHub(root)
     served = {}
-    for seed, tag in enumerate(RELEASED):
+    for seed, tag in enumerate(RELEASED_TOWER_CONFIGS):
         m = manifest(tag)
         # a small storage: timm deep-copies the state dict it is handed, each view's storage with it
         tower = shared_storage_state(m['keys'], seed=seed, size=1 << 12)
@@ -110,13 +98,13 @@ def full_size(tmp_path_factory):
         served[tag] = projector
     out = root / 'results.json'
     with server:
-        result = run_python(FULL_SIZE_SCRIPT.format(tags=list(RELEASED), out=str(out)), server.endpoint,
+        result = run_python(FULL_SIZE_SCRIPT.format(tags=list(RELEASED_TOWER_CONFIGS), out=str(out)), server.endpoint,
                             root / 'hf_home', timeout=1200)
         assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text()), served, server
 
 
-@pytest.mark.parametrize('tag', sorted(RELEASED))
+@pytest.mark.parametrize('tag', sorted(RELEASED_TOWER_CONFIGS))
 def test_released_tower_loads_strictly_at_full_size(full_size, tag):
     results, _, _ = full_size
     m = manifest(tag)
@@ -126,7 +114,7 @@ def test_released_tower_loads_strictly_at_full_size(full_size, tag):
     assert got['shapes'] == {k: list(v.shape) for k, v in convert_llava_tower_state_dict(original).items()}
 
 
-@pytest.mark.parametrize('tag', sorted(RELEASED))
+@pytest.mark.parametrize('tag', sorted(RELEASED_TOWER_CONFIGS))
 def test_released_projector_loads_the_served_tensors(full_size, tag):
     results, served, _ = full_size
     got = results[tag]['projector']
