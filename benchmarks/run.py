@@ -35,6 +35,7 @@ from piip_timm.layers import deform_sample  # noqa: E402
 from piip_timm.layers.deform_sampling import _bilinear_samples, _kernel_layout  # noqa: E402
 
 import models  # noqa: E402
+from device_run import compile_report, compile_section, device_main  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- sections
@@ -82,12 +83,25 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+CHECKPOINTING_MODES = ('none', 'interactions', 'blocks', 'all')
+
+
+def _set_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """``PIIP.set_grad_checkpointing`` on the PIIP model inside a benchmark wrapper ('none': off)."""
+    piip = getattr(model, 'model', model)
+    piip.set_grad_checkpointing(False if mode == 'none' else mode)
+
+
 def memory_probe(pair_index: int, role: str, mode: str, quick: bool) -> Dict:
-    """Peak memory of one model's forward (or forward+backward), from a fresh process."""
+    """Peak memory of one model's forward (``mode`` 'eval') or forward+backward ('train', or
+    'train:<checkpointing mode>' for a PIIP model), from a fresh process."""
     pair = (models.tiny_pairs() if quick else models.speed_pairs())[pair_index]
     build, size = (pair.piip, pair.piip_input) if role == 'piip' else (pair.baseline, pair.baseline_input)
     model = build().to(device())
+    mode, _, checkpointing = mode.partition(':')
     model.train(mode == 'train')
+    if checkpointing:
+        _set_checkpointing(model, checkpointing)
     x = torch.randn(1, 3, size, size, device=device())
     run = train_fn(model, x) if mode == 'train' else forward_fn(model, x)
     if torch.cuda.is_available():
@@ -161,6 +175,39 @@ def speed_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
         print(f'  fwd {row["piip_fwd_s"]:.3f} s vs {row["baseline_fwd_s"]:.3f} s = {row["fwd_ratio"]:.2f}x '
               f'(FLOPs {row["flop_ratio"]:.2f}x); fwd+bwd {row["train_ratio"]:.2f}x', flush=True)
         out.append(row)
+        save(out)
+    return out
+
+
+def checkpointing_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
+    """Training memory and time of the detector pairs with each ``set_grad_checkpointing`` mode: peak of one
+    fwd+bwd from a fresh process per mode, and fwd+bwd time with the modes alternated on one model."""
+    pairs = models.tiny_pairs() if quick else models.speed_pairs()
+    indices = [1] if quick else [i for i, p in enumerate(pairs) if '+ merge + pyramid' in p.name]
+    out = []
+    for index in indices:
+        pair = pairs[index]
+        print(f'checkpointing: {pair.name}', flush=True)
+        peaks = {mode: _probe(index, 'piip', f'train:{mode}', quick, threads) for mode in CHECKPOINTING_MODES}
+        baseline_peak = _probe(index, 'baseline', 'train', quick, threads)
+        model = pair.piip().to(device()).train()
+        x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+
+        def step(mode: str) -> Callable[[], None]:
+            run = train_fn(model, x)
+
+            def call() -> None:
+                _set_checkpointing(model, mode)
+                run()
+            return call
+        times = alternate([step(mode) for mode in CHECKPOINTING_MODES], repeats)
+        rows = {mode: dict(peak_mb=peaks[mode], peak_vs_baseline=peaks[mode] / baseline_peak,
+                           train_s=statistics.median(t), time_vs_none=ratio(t, times[0]))
+                for mode, t in zip(CHECKPOINTING_MODES, times)}
+        del model
+        out.append(dict(name=pair.name, baseline=pair.baseline_name, baseline_peak_mb=baseline_peak, modes=rows))
+        print('  ' + '; '.join(f'{m}: {r["peak_mb"]:.0f} MB ({r["peak_vs_baseline"]:.2f}x baseline), '
+                               f'{r["train_s"]:.2f} s ({r["time_vs_none"]:.2f}x)' for m, r in rows.items()), flush=True)
         save(out)
     return out
 
@@ -495,6 +542,22 @@ def report(results: Dict, path: Path) -> None:
                 f'{r["baseline_throughput"]:.2f} ({r["batch"]}) | {r["piip_eval_mb"]:.0f} / {r["baseline_eval_mb"]:.0f} | '
                 f'{r["piip_train_mb"]:.0f} / {r["baseline_train_mb"]:.0f} |')
         lines += ['', '![latency vs FLOPs](latency_vs_flops.png)', '']
+    if results.get('checkpointing'):
+        lines += ['## Training memory: gradient checkpointing', '',
+                  "`model.set_grad_checkpointing(mode)`: `'interactions'` recomputes the interaction units in the "
+                  "backward, `'blocks'` the branch layers, `'all'` (or `True`) both. Peak memory of one fwd+bwd at "
+                  'batch 1 from a fresh process (as in the speed table), against the baseline without checkpointing; '
+                  'fwd+bwd time: median of the modes alternated on one model, ratio to no checkpointing.', '',
+                  '| PIIP detector | mode | peak MB fwd+bwd | vs baseline | fwd+bwd (s) | vs none |',
+                  '|---|---|---|---|---|---|']
+        for r in results['checkpointing']:
+            for mode, m in r['modes'].items():
+                lines.append(f'| {r["name"]} | {mode} | {m["peak_mb"]:.0f} | {m["peak_vs_baseline"]:.2f}x '
+                             f'{r["baseline"]} ({r["baseline_peak_mb"]:.0f} MB) | {m["train_s"]:.2f} | '
+                             f'{m["time_vs_none"]:.2f}x |')
+        lines.append('')
+    if results.get('compile'):
+        lines += compile_report(results['compile'])
     if results.get('deform'):
         d = results['deform']
         lines += ['## Deformable sampling', '',
@@ -551,8 +614,11 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='small stand-ins of every section (smoke run)')
     parser.add_argument('--threads', type=int, default=2, help='torch threads (default 2)')
     parser.add_argument('--repeats', type=int, default=None, help='timing rounds (default 5, quick 1)')
-    parser.add_argument('--sections', default='cost,speed,deform,breakdown',
-                        help='comma-separated: cost, speed, deform, breakdown')
+    parser.add_argument('--sections', default='cost,speed,checkpointing,compile,deform,breakdown',
+                        help='comma-separated: cost, speed, checkpointing, compile, deform, breakdown')
+    parser.add_argument('--device', default=None,
+                        help='cuda or cpu: the device run instead of the sections (bf16, eager and compiled, '
+                             'batch 1 and a throughput batch; see device_run.py)')
     parser.add_argument('--update', action='store_true',
                         help='keep the other sections of an existing results.json (rerun only --sections)')
     parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
@@ -565,6 +631,9 @@ def main() -> None:
         return
     if args.probe:
         print(json.dumps(memory_probe(int(args.probe[0]), args.probe[1], args.probe[2], args.quick)))
+        return
+    if args.device:
+        device_main(args.device, args.quick, args.repeats, Path(args.out), ' '.join(sys.argv[1:]))
         return
     sections = set(args.sections.split(','))
     out = Path(args.out)
@@ -588,6 +657,10 @@ def main() -> None:
     if 'speed' in sections:
         speed = speed_section(args.quick, repeats, args.threads, lambda rows: save('speed', rows))
         plot(speed, out / 'latency_vs_flops.png')
+    if 'checkpointing' in sections:
+        checkpointing_section(args.quick, repeats, args.threads, lambda rows: save('checkpointing', rows))
+    if 'compile' in sections:
+        save('compile', compile_section(args.quick, repeats))
     if 'deform' in sections:
         save('deform', deform_section(args.quick, repeats))
     if 'breakdown' in sections:

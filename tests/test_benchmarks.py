@@ -12,7 +12,8 @@ def test_benchmark_quick_run_writes_report_plot_and_results(tmp_path):
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / 'report.md').read_text()
-    for heading in ('## Parameters and multiply-accumulates', '## Speed and memory', '## Deformable sampling'):
+    for heading in ('## Parameters and multiply-accumulates', '## Speed and memory', '## Deformable sampling',
+                    '## Training memory: gradient checkpointing', '## Compilation'):
         assert heading in report
     assert (tmp_path / 'latency_vs_flops.png').stat().st_size > 10_000
     results = json.loads((tmp_path / 'results.json').read_text())
@@ -30,3 +31,24 @@ def test_benchmark_quick_run_writes_report_plot_and_results(tmp_path):
     assert set(breakdown['kernels_alone_ms']) == {'Linear', 'Conv2d', 'LayerNorm', 'grid_sample'}
     assert all(ms > 0 for ms in breakdown['kernels_alone_ms'].values())
     assert breakdown['components']['branch blocks']['ms'] / 1e3 < breakdown['floor_s'] < breakdown['piip_fwd_s']
+    [checkpointing] = results['checkpointing']
+    modes = checkpointing['modes']
+    assert list(modes) == ['none', 'interactions', 'blocks', 'all']
+    assert all(m['peak_mb'] > 0 and m['train_s'] > 0 for m in modes.values())
+    assert modes['none']['time_vs_none'] == 1.0
+    compiled = results['compile']
+    assert compiled['regional_compile_s'] > 0 and compiled['whole_compile_s'] > 0 and compiled['max_abs_diff'] < 1e-4
+
+
+def test_device_run_on_cpu_writes_report_and_results(tmp_path):
+    """`--device cpu --quick`: the one-command device run (bf16, eager and compiled) on a tiny pair."""
+    result = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'run.py'), '--device', 'cpu', '--quick',
+                             '--out', str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '# PIIP on one device' in (tmp_path / 'report.md').read_text()
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['device'] == 'cpu' and len(results['pairs']) == 1
+    row = results['pairs'][0]
+    for kind in ('eager', 'compiled'):
+        assert row[kind]['piip_s'] > 0 and row[kind]['baseline_s'] > 0 and row[kind]['piip_img_s'] > 0
+    assert row['compile_s']['piip'] > 0 and row['compile_mode'] == 'default'

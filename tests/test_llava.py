@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import piip_timm
-from piip_timm.llava import UNUSED_BRANCH_PARTS, convert_llava_projector_state_dict, \
+from piip_timm import PIIP
+from piip_timm.llava import UNUSED_BRANCH_PARTS, convert_llava_projector_state_dict, translate_llava_config, \
     convert_llava_tower_state_dict, projector_from_config
+from piip_timm.weights import load_strict
 
 from conftest import REFERENCE_DIR
 from fixtures import RELEASED_TOWER_CONFIGS
@@ -92,23 +94,38 @@ def test_tower_gradients_reach_every_parameter(name):
 
 
 def test_tower_outputs_in_timm_idiom():
-    """forward_features: the maps, coarsest branch first (the original's order); forward_intermediates /
-    features_only: the same maps in timm's order of increasing stride; forward: pooled features."""
+    """forward_features: the maps, coarsest branch first (the original's order); features_only
+    (feature_levels='branches'): the same maps in timm's order of increasing stride; the plain tower's
+    forward_intermediates: both branches' maps after each interaction step; forward: pooled features."""
     case, tower_state, _, tensors = load_llava_case('llava2_clip_bl')
     model = piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower', checkpoint=tower_state,
                                     pretrained_configs=case['pretrained_configs']).model.eval()
+    as_levels = PIIP(**{**translate_llava_config(case['constructor_kwargs'], case['pretrained_configs']),
+                        'feature_levels': 'branches'}).eval()
+    load_strict(as_levels, model.state_dict())
     x = tensors['input']
     with torch.no_grad():
         maps = model.forward_features(x)
-        final, levels = model.forward_intermediates(x)
+        final, steps = model.forward_intermediates(x)
+        final_levels, levels = as_levels.forward_intermediates(x)
         pooled = model(x)
-    assert [f['num_chs'] for f in model.feature_info] == [48, 56]
-    assert [f['reduction'] for f in model.feature_info] == [8, 8 / 0.875]
+    assert [f['num_chs'] for f in as_levels.feature_info] == [48, 56]
+    assert [f['reduction'] for f in as_levels.feature_info] == [8, 8 / 0.875]
     assert torch.equal(levels[0], maps[1]) and torch.equal(levels[1], maps[0])
-    assert all(torch.equal(a, b) for a, b in zip(final, maps))
+    assert all(torch.equal(a, b) for a, b in zip(final, maps)) and all(
+        torch.equal(a, b) for a, b in zip(final_levels, maps))
+    num_steps = len(case['constructor_kwargs']['branch1']['interaction_indexes'])
+    assert len(model.feature_info) == len(steps) == 2 * num_steps >= 4  # both branches after each step
+    assert [f['num_chs'] for f in model.feature_info] == [48, 56] * num_steps
+    assert [s.shape[1:] for s in steps] == [maps[1].shape[1:], maps[0].shape[1:]] * num_steps
+    assert torch.equal(steps[-2], maps[1]) and torch.equal(steps[-1], maps[0])  # the last step's are the final maps
+    assert not torch.equal(steps[0], steps[-2])
     assert torch.allclose(pooled, torch.cat([tensors['output.0'].mean((2, 3)), tensors['output.1'].mean((2, 3))], 1),
                           atol=1e-5 * pooled.abs().max().item())
     assert model.num_features == pooled.shape[1] == 56 + 48
+    kwargs = translate_llava_config(case['constructor_kwargs'], case['pretrained_configs'])
+    with pytest.raises(ValueError, match="feature_levels='branches' needs a model without head and merge"):
+        PIIP(**{**kwargs, 'head': 'merged', 'merge': 'linear', 'feature_levels': 'branches'})
 
 
 @pytest.mark.parametrize('stem', MANIFESTS)

@@ -113,21 +113,42 @@ def test_forward_intermediates_returns_final_features_and_levels():
     assert tuple(nhwc[0].shape) == (1, 32, 32, 96)
 
 
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one forward (outside checkpointed regions), counted per storage."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(storages.values())
+
+
 @pytest.mark.parametrize('name', ['piip_tsb', 'piip_tsbl'])
-def test_grad_checkpointing_gives_the_same_outputs_and_gradients(name):
+def test_grad_checkpointing_modes_give_the_same_outputs_and_gradients(name):
+    """Every mode: outputs and gradients of the plain run; the activations kept for the backward shrink
+    as more is recomputed (units alone, layers alone, both)."""
     torch.manual_seed(0)
     model = disable_drop_path(perturb(tiny_variant(name))).train()
     x = torch.randn(2, 3, 128, 128)
     model(x).sum().backward()
     reference = model(x).detach()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    out = model(x)
-    out.sum().backward()
-    assert torch.allclose(out, reference, atol=1e-6)
-    for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, grads[n], atol=1e-6, rtol=1e-4), n
+    saved = {}
+    for mode in (False, 'interactions', 'blocks', 'all', True):
+        model.zero_grad()
+        model.set_grad_checkpointing(mode)
+        out = model(x)
+        out.sum().backward()
+        assert torch.allclose(out, reference, atol=1e-6), mode
+        for n, p in model.named_parameters():
+            assert torch.allclose(p.grad, grads[n], atol=1e-6, rtol=1e-4), (mode, n)
+        saved[mode] = _saved_bytes(model, x)
+    assert saved[False] > saved['interactions'] > saved['all'] and saved[False] > saved['blocks'] > saved['all']
+    assert saved[True] == saved['all']
+    with pytest.raises(ValueError, match='grad checkpointing must be'):
+        model.set_grad_checkpointing('units')
 
 
 def test_classifier_reset_and_pooling_options():

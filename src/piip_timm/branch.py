@@ -74,6 +74,10 @@ class PIIPBranch(nn.Module):
         """Stride of the tokens this branch hands to interaction ``step``."""
         return self.layer_strides[self.cfg.block_ranges[step][1]]
 
+    def layer(self, index: int) -> nn.Module:
+        """The module of counted layer ``index`` (what regional compilation and sharding wrap one by one)."""
+        raise NotImplementedError
+
     def embed(self, image: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Grid]:
         """Image (B, C, H, W) -> tokens (B, N, C) in (B, N, C) memory, prefix tokens (or None), token grid."""
         raise NotImplementedError

@@ -445,10 +445,14 @@ def _create_tower(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
             raise ValueError(f'{variant} has no pretrained tag {name!r}; choose one of {sorted(TOWER_TAGS[variant])}.')
         check_hub_files(tag.hub_files())
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=tag.load_tower())
+    # features_only: the two maps the projector takes (finest first); the plain tower's intermediates are
+    # the finest branch's map after each interaction step, as for the classifiers.
+    levels = 'branches' if kwargs.get('features_only') else 'steps'
+    levels = kwargs.pop('feature_levels', levels)
     model = build_model_with_cfg(
         PIIP, variant, pretrained, pretrained_filter_fn=tower_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1)),
-        branches=branches, interaction=interaction, head=None, merge=None, **kwargs)
+        branches=branches, interaction=interaction, head=None, merge=None, feature_levels=levels, **kwargs)
     cfg = getattr(model, 'pretrained_cfg', None)
     if isinstance(cfg, dict) and cfg.get('state_dict') is not None:
         cfg['state_dict'] = None  # do not keep a second copy of the weights alive

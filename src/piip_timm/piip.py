@@ -126,13 +126,18 @@ class PIIP(nn.Module):
             head) or ``''`` (no pooling).
         in_chans: input channels.
         drop_rate: dropout before the head(s).
+        feature_levels: what ``feature_info`` / ``forward_intermediates`` describe when the model has no pyramid:
+            ``'steps'`` (default), maps after each interaction step; ``'branches'`` (only with ``head=None,
+            merge=None``), every branch's final map, finest first (the towers' ``features_only``).
         device, dtype: where and in which dtype parameters are created (timm's factory kwargs);
             ``device='meta'`` builds the structure without allocating.
 
     ``feature_info`` / ``forward_intermediates``: with a pyramid, its levels; with out_interactions,
-    the merged maps at their output strides; with neither head nor merge (``head=None, merge=None``:
-    the PIIP-LLaVA vision towers), every branch's final map, finest first; otherwise the finest branch's token map
-    after each interaction step (like timm's ViTs, one level per step of the network).
+    the merged maps at their output strides; otherwise the finest branch's token map after each interaction
+    step (like timm's ViTs, one level per step of the network). A model without head and merge (the PIIP-LLaVA
+    towers), whose output is every branch's map, has every branch's map after each step (step by step, finest
+    branch first), or, with ``feature_levels='branches'``, every branch's final map, finest first (the towers
+    built with ``features_only=True``).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class PIIP(nn.Module):
             global_pool: Optional[str] = None,
             in_chans: int = 3,
             drop_rate: float = 0.0,
+            feature_levels: str = 'steps',
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -165,10 +171,15 @@ class PIIP(nn.Module):
             raise ValueError("dense outputs (a pyramid or out_interactions) need a merge ('conv' or 'single_conv').")
         if pyramid is not None and out_interactions is not None:
             raise ValueError('give either a simple pyramid or out_interactions, not both.')
+        if feature_levels not in ('steps', 'branches'):
+            raise ValueError(f"feature_levels must be 'steps' or 'branches', got {feature_levels!r}.")
+        if feature_levels == 'branches' and (head is not None or merge is not None):
+            raise ValueError("feature_levels='branches' needs a model without head and merge (head=None, merge=None).")
         self.interaction_cfg = interaction
         # No head and no merge: the output is every branch's own map after the last interaction
         # (what the PIIP-LLaVA towers hand to their projector).
         self.branch_maps = head is None and merge is None
+        self.branch_levels = feature_levels == 'branches'
         self.head_style = head
         self.merge_style = merge
         self.num_classes = num_classes
@@ -216,6 +227,7 @@ class PIIP(nn.Module):
             self.merges = self.branch_weights = None
         self.out_interactions = tuple(int(i) for i in out_interactions) if out_interactions is not None else None
         self.out_merges = self._make_out_merges(merge, **dd) if self.out_interactions is not None else None
+        self.level_taps: List[Tuple[int, int]] = []  # (interaction step, branch) of each per-step level
         if pyramid:
             self.pyramid = SimpleFeaturePyramid(out_dim, pyramid, **dd)
             self.feature_info = [
@@ -231,7 +243,7 @@ class PIIP(nn.Module):
             self.pyramid = FeatureLevels([s / t for s, t in zip(strides, targets)], widths, **dd)
             self.feature_info = [dict(num_chs=w, reduction=t, module=f'pyramid.{j}')
                                  for j, (w, t) in enumerate(zip(widths, targets))]
-        elif self.branch_maps:
+        elif self.branch_levels:
             # Finest branch first: timm's feature levels go from the smallest stride to the largest.
             self.pyramid = None
             self.feature_info = [
@@ -240,11 +252,16 @@ class PIIP(nn.Module):
                                                     self.image_ratios)))
             ]
         else:
+            # One level per interaction step: the finest branch's map after it or, for a model whose output
+            # is every branch's map (no head, no merge), every branch's map after it, finest first.
             self.pyramid = None
-            finest = self.branches[-1]
+            tapped = range(len(branches)) if self.branch_maps else [len(branches) - 1]
+            self.level_taps = [(k, i) for k in range(num_interactions) for i in reversed(tapped)]
             self.feature_info = [
-                dict(num_chs=finest.range_width(k), reduction=finest.range_stride(k), module=f'interactions.{k}')
-                for k in range(num_interactions)
+                dict(num_chs=self.branches[i].range_width(k),
+                     reduction=_input_stride(self.branches[i].range_stride(k), self.image_ratios[i]),
+                     module=f'interactions.{k}')
+                for k, i in self.level_taps
             ]
 
         self.head_drop = nn.Dropout(drop_rate)
@@ -346,8 +363,36 @@ class PIIP(nn.Module):
         return layer_id
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: Union[bool, str] = True) -> None:
+        """Recompute activations in the backward instead of keeping them: ``True`` / ``'all'`` (branch layers
+        and interaction units), ``'interactions'`` (only the units: most of the memory PIIP holds beyond its
+        branches' for a fraction of the recompute), ``'blocks'`` (only the branch layers), ``False`` (none)."""
+        modes = {True: 'all', False: False, 'all': 'all', 'interactions': 'interactions', 'blocks': 'blocks'}
+        if not isinstance(enable, (bool, str)) or enable not in modes:
+            raise ValueError(f"grad checkpointing must be True, False, 'all', 'interactions' or 'blocks', "
+                             f"got {enable!r}.")
+        self.grad_checkpointing = modes[enable]
+
+    @torch.jit.ignore
+    def compile_regions(self, **compile_kwargs: Any) -> None:
+        """Regional compilation: ``torch.compile`` every branch layer and interaction unit in place, each on its
+        own (``nn.Module.compile``), instead of the whole forward as one graph. Layers of one kind share their
+        compiled code across instances of the same shapes, so compiling costs a few graphs instead of one
+        graph of the whole network (minutes less); the glue between them stays eager. ``compile_kwargs`` go to
+        ``torch.compile`` (e.g. ``mode``, ``backend``); ``dynamic`` defaults to False (one specialised graph per
+        shape: faster than the shape-generic code automatic dynamic shapes would give; pass ``dynamic=None``
+        when input sizes vary a lot). Parameter names do not change."""
+        compile_kwargs.setdefault('dynamic', False)
+        # One code object (e.g. timm's Block.forward) serves every layer of its kind: a graph per branch width,
+        # window layout and batch size. Past dynamo's recompile limit (8) further shapes would silently run eager.
+        shapes = len(self.branches) * 2 * 4
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+        for branch in self.branches:
+            for index in range(branch.num_layers):
+                branch.layer(index).compile(**compile_kwargs)
+        for units in self.interactions:
+            for unit in units:
+                unit.compile(**compile_kwargs)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -428,11 +473,12 @@ class PIIP(nn.Module):
     def _forward_steps(
             self,
             x: torch.Tensor,
-            tap_steps: Sequence[int] = (),
+            tap_levels: Sequence[int] = (),
             last_step: Optional[int] = None,
     ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Grid], List[torch.Tensor], List[torch.Tensor]]:
         """``forward_branches`` up to step ``last_step``, with the finest branch's (B, C, H, W) map
-        after each step in ``tap_steps``, and the merges after ``out_interactions`` (if the model has them)."""
+        ``level_taps[j]`` for each level ``j`` in ``tap_levels`` (the map of one branch after one step, (B, C, H, W)),
+        and the merges after ``out_interactions`` (if the model has them)."""
         self._check_input(x)
         tokens, prefixes, grids, taps, merged = [], [], [], [], []
         for branch, image in zip(self.branches, self.image_pyramid(x)):
@@ -440,20 +486,23 @@ class PIIP(nn.Module):
             tokens.append(t)
             prefixes.append(p)
             grids.append(hw)
-        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        mode = self.grad_checkpointing if torch.is_grad_enabled() else False
+        checkpoint_layers, checkpoint_units = mode in ('all', 'blocks'), mode in ('all', 'interactions')
         for step, units in enumerate(self.interactions):
             for i, branch in enumerate(self.branches):
                 start, end = branch.cfg.block_ranges[step]
                 tokens[i], prefixes[i], grids[i] = branch.forward_layers(
-                    start, end, tokens[i], prefixes[i], grids[i], checkpointing)
+                    start, end, tokens[i], prefixes[i], grids[i], checkpoint_layers)
             for u in reversed(range(len(units))):  # from the highest-resolution pair down
                 args = (tokens[u], grids[u], tokens[u + 1], grids[u + 1])
-                if checkpointing:
+                if checkpoint_units:
                     tokens[u], tokens[u + 1] = checkpoint(units[u], *args, use_reentrant=False)
                 else:
                     tokens[u], tokens[u + 1] = units[u](*args)
-            if step in tap_steps:
-                taps.append(token_map(tokens[-1], grids[-1]))
+            for level in tap_levels:
+                tap_step, tapped = self.level_taps[level]
+                if tap_step == step:
+                    taps.append(token_map(tokens[tapped], grids[tapped]))
             if self.out_merges is not None and str(step) in self.out_merges:
                 merged.append(self.out_merges[str(step)](tokens, grids))
             if step == last_step:
@@ -533,12 +582,12 @@ class PIIP(nn.Module):
         """The maps ``feature_info`` describes, timm style: ``(forward_features(x), maps)``.
 
         With a pyramid (``features_only=True``, the detectors) the maps are its levels, made from the
-        merged maps (``norm``/``stop_early`` change nothing). Without one they are the finest
-        branch's tokens after each interaction step; ``stop_early`` then stops after the last step
-        asked for (the features returned are those of that step), and ``norm`` applies the finest
-        branch's final norm (classifiers with separate heads have one). Without head and merge they
-        are the branches' final maps, finest first (``forward_features`` gives them coarsest first;
-        ``norm``/``stop_early`` change nothing).
+        merged maps (``norm``/``stop_early`` change nothing). Without one they are branch maps after
+        each interaction step (the finest branch's; every branch's for a model without head and merge);
+        ``stop_early`` then stops after the last step asked for (the features returned are those of
+        that step), and ``norm`` applies each level's branch's final norm (classifiers with separate
+        heads have one). With ``feature_levels='branches'`` they are the branches' final maps, finest
+        first (``forward_features`` gives them coarsest first; ``norm``/``stop_early`` change nothing).
         ``indices``: positions in ``feature_info`` (an int n: the last n).
         """
         if output_fmt not in ('NCHW', 'NHWC'):
@@ -547,7 +596,7 @@ class PIIP(nn.Module):
         if isinstance(self.pyramid, SimpleFeaturePyramid):
             tokens, prefixes, grids = self.forward_branches(x)
             intermediates = self.pyramid(self.merge_branches(tokens, grids), take_indices)
-        elif self.branch_maps:
+        elif self.branch_levels:
             tokens, prefixes, grids = self.forward_branches(x)
             maps = self._head_features(tokens, prefixes, grids)
             intermediates = [maps[::-1][i] for i in take_indices]
@@ -555,11 +604,11 @@ class PIIP(nn.Module):
             tokens, prefixes, grids, _, merged = self._forward_steps(x)
             intermediates = self.pyramid(merged + [self.merge_branches(tokens, grids)], take_indices)
         else:
-            last_step = max_index if stop_early or intermediates_only else None
+            last_step = self.level_taps[max_index][0] if stop_early or intermediates_only else None
             tokens, prefixes, grids, intermediates, _ = self._forward_steps(x, take_indices, last_step)
-            if norm:
-                finest = self.branches[-1].norm
-                intermediates = [finest(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for t in intermediates]
+            if norm:  # each level through the final norm of the branch it comes from
+                norms = [self.branches[self.level_taps[j][1]].norm for j in take_indices]
+                intermediates = [n(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for n, t in zip(norms, intermediates)]
         if output_fmt == 'NHWC':
             intermediates = [t.permute(0, 2, 3, 1) for t in intermediates]
         if intermediates_only:
@@ -576,8 +625,8 @@ class PIIP(nn.Module):
         norms (``prune_norm``) and, for per-step levels, the interaction steps after the last one kept
         (with their layers). Pyramid levels all need every branch, so nothing else is pruned for them."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        if self.pyramid is None and not self.branch_maps:
-            self._keep_steps(max_index + 1)
+        if self.pyramid is None and not self.branch_levels:
+            self._keep_steps(self.level_taps[max_index][0] + 1)
         if prune_head:
             self.reset_classifier(0, '')
         if prune_norm:
@@ -595,7 +644,9 @@ class PIIP(nn.Module):
         and head on it, are then made anew for the widths the branches end at (freshly initialised).
         """
         self.interactions = self.interactions[:num_steps]
-        self.feature_info = self.feature_info[:num_steps]
+        kept = [j for j, (k, _) in enumerate(self.level_taps) if k < num_steps]
+        self.feature_info = [self.feature_info[j] for j in kept]
+        self.level_taps = [self.level_taps[j] for j in kept]
         for branch in self.branches:
             branch.keep_layers(branch.cfg.block_ranges[num_steps - 1][1] + 1)
         widths = tuple(b.layer_widths[-1] for b in self.branches)
@@ -612,7 +663,8 @@ class PIIP(nn.Module):
         if self.head_style == 'merged':
             self.norm = nn.LayerNorm(widths[0], eps=1e-6, **dd)
             rebuilt.append(self.norm)
-        self.num_features = self.head_hidden_size = sum(widths) if self.head_style == 'separate' else widths[0]
+        self.num_features = self.head_hidden_size = (
+            sum(widths) if self.head_style == 'separate' or self.branch_maps else widths[0])
         if not reference.is_meta:
             for module in rebuilt:
                 module.apply(_init_neck_weights)

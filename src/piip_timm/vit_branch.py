@@ -157,6 +157,9 @@ class IsotropicBranch(PIIPBranch):
     def layer_strides(self) -> Tuple[int, ...]:
         return (self.cfg.patch_size,) * len(self.blocks)
 
+    def layer(self, index: int) -> nn.Module:
+        return self.blocks[index]
+
     @property
     def max_stride(self) -> int:
         return self.cfg.patch_size
