@@ -115,11 +115,19 @@ def test_tower_outputs_in_timm_idiom():
     assert all(torch.equal(a, b) for a, b in zip(final, maps)) and all(
         torch.equal(a, b) for a, b in zip(final_levels, maps))
     num_steps = len(case['constructor_kwargs']['branch1']['interaction_indexes'])
-    assert len(model.feature_info) == len(steps) == 2 * num_steps >= 4  # both branches after each step
-    assert [f['num_chs'] for f in model.feature_info] == [48, 56] * num_steps
-    assert [s.shape[1:] for s in steps] == [maps[1].shape[1:], maps[0].shape[1:]] * num_steps
-    assert torch.equal(steps[-2], maps[1]) and torch.equal(steps[-1], maps[0])  # the last step's are the final maps
-    assert not torch.equal(steps[0], steps[-2])
+    # both branches after each step, by increasing stride: the fine branch's steps, then the coarse branch's
+    assert len(model.feature_info) == len(steps) == 2 * num_steps >= 4
+    assert [f['num_chs'] for f in model.feature_info] == [48] * num_steps + [56] * num_steps
+    assert [f['reduction'] for f in model.feature_info] == [8] * num_steps + [8 / 0.875] * num_steps
+    assert [s.shape[1:] for s in steps] == [maps[1].shape[1:]] * num_steps + [maps[0].shape[1:]] * num_steps
+    assert torch.equal(steps[num_steps - 1], maps[1]) and torch.equal(steps[-1], maps[0])  # after the last step
+    assert not torch.equal(steps[0], steps[num_steps - 1])
+    # a coarse level of an early step: pruning keeps that step only, and returns where the level now is
+    early = model.forward_intermediates(x, indices=[num_steps], intermediates_only=True)[0]
+    kept = model.prune_intermediate_layers([num_steps])
+    assert len(model.interactions) == 1 and len(model.feature_info) == 2 and kept == [1]
+    with torch.no_grad():
+        assert torch.equal(model.forward_intermediates(x, indices=kept, intermediates_only=True)[0], early)
     assert torch.allclose(pooled, torch.cat([tensors['output.0'].mean((2, 3)), tensors['output.1'].mean((2, 3))], 1),
                           atol=1e-5 * pooled.abs().max().item())
     assert model.num_features == pooled.shape[1] == 56 + 48

@@ -253,14 +253,17 @@ class PIIP(nn.Module):
             ]
         else:
             # One level per interaction step: the finest branch's map after it or, for a model whose output
-            # is every branch's map (no head, no merge), every branch's map after it, finest first.
+            # is every branch's map (no head, no merge), every branch's map after it. timm wants the levels
+            # in non-decreasing reduction: sorted by it, then finest branch first, then by step.
             self.pyramid = None
             tapped = range(len(branches)) if self.branch_maps else [len(branches) - 1]
-            self.level_taps = [(k, i) for k in range(num_interactions) for i in reversed(tapped)]
+
+            def reduction(step: int, i: int) -> Union[int, float]:
+                return _input_stride(self.branches[i].range_stride(step), self.image_ratios[i])
+            self.level_taps = sorted(((k, i) for k in range(num_interactions) for i in tapped),
+                                     key=lambda ki: (reduction(*ki), -ki[1], ki[0]))
             self.feature_info = [
-                dict(num_chs=self.branches[i].range_width(k),
-                     reduction=_input_stride(self.branches[i].range_stride(k), self.image_ratios[i]),
-                     module=f'interactions.{k}')
+                dict(num_chs=self.branches[i].range_width(k), reduction=reduction(k, i), module=f'interactions.{k}')
                 for k, i in self.level_taps
             ]
 
@@ -477,10 +480,12 @@ class PIIP(nn.Module):
             last_step: Optional[int] = None,
     ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Grid], List[torch.Tensor], List[torch.Tensor]]:
         """``forward_branches`` up to step ``last_step``, with the finest branch's (B, C, H, W) map
-        ``level_taps[j]`` for each level ``j`` in ``tap_levels`` (the map of one branch after one step, (B, C, H, W)),
+        ``level_taps[j]`` for each level ``j`` in ``tap_levels``, in that order (one branch's (B, C, H, W) map after
+        one step),
         and the merges after ``out_interactions`` (if the model has them)."""
         self._check_input(x)
-        tokens, prefixes, grids, taps, merged = [], [], [], [], []
+        tokens, prefixes, grids, merged = [], [], [], []
+        taps = {}
         for branch, image in zip(self.branches, self.image_pyramid(x)):
             t, p, hw = branch.embed(image)
             tokens.append(t)
@@ -502,12 +507,12 @@ class PIIP(nn.Module):
             for level in tap_levels:
                 tap_step, tapped = self.level_taps[level]
                 if tap_step == step:
-                    taps.append(token_map(tokens[tapped], grids[tapped]))
+                    taps[level] = token_map(tokens[tapped], grids[tapped])
             if self.out_merges is not None and str(step) in self.out_merges:
                 merged.append(self.out_merges[str(step)](tokens, grids))
             if step == last_step:
                 break
-        return tokens, prefixes, grids, taps, merged
+        return tokens, prefixes, grids, [taps[level] for level in tap_levels], merged
 
     def merge_branches(self, tokens: Sequence[torch.Tensor], grids: Sequence[Grid]) -> torch.Tensor:
         """Weighted sum of the merged branch maps on the finest grid: (B, embed_dims[0], H, W)."""
@@ -604,7 +609,7 @@ class PIIP(nn.Module):
             tokens, prefixes, grids, _, merged = self._forward_steps(x)
             intermediates = self.pyramid(merged + [self.merge_branches(tokens, grids)], take_indices)
         else:
-            last_step = self.level_taps[max_index][0] if stop_early or intermediates_only else None
+            last_step = self._last_step(take_indices) if stop_early or intermediates_only else None
             tokens, prefixes, grids, intermediates, _ = self._forward_steps(x, take_indices, last_step)
             if norm:  # each level through the final norm of the branch it comes from
                 norms = [self.branches[self.level_taps[j][1]].norm for j in take_indices]
@@ -626,7 +631,8 @@ class PIIP(nn.Module):
         (with their layers). Pyramid levels all need every branch, so nothing else is pruned for them."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         if self.pyramid is None and not self.branch_levels:
-            self._keep_steps(self.level_taps[max_index][0] + 1)
+            kept = self._keep_steps(self._last_step(take_indices) + 1)
+            take_indices = [kept.index(j) for j in take_indices]  # positions in the pruned feature_info
         if prune_head:
             self.reset_classifier(0, '')
         if prune_norm:
@@ -637,8 +643,13 @@ class PIIP(nn.Module):
                 self.norm = nn.Identity()
         return take_indices
 
-    def _keep_steps(self, num_steps: int) -> None:
-        """Keep the first ``num_steps`` interaction steps, the layers they run and their feature levels.
+    def _last_step(self, levels: Sequence[int]) -> int:
+        """The last interaction step any of these per-step levels needs."""
+        return max(self.level_taps[j][0] for j in levels)
+
+    def _keep_steps(self, num_steps: int) -> List[int]:
+        """Keep the first ``num_steps`` interaction steps, the layers they run and their feature levels
+        (returned: the indices, in the old ``feature_info``, of the levels kept).
 
         A branch cut inside its stages (a ConvNeXt) ends at another width: the final merge, and the norm
         and head on it, are then made anew for the widths the branches end at (freshly initialised).
@@ -651,7 +662,7 @@ class PIIP(nn.Module):
             branch.keep_layers(branch.cfg.block_ranges[num_steps - 1][1] + 1)
         widths = tuple(b.layer_widths[-1] for b in self.branches)
         if widths == self.embed_dims:
-            return
+            return kept
         self.embed_dims = widths
         reference = next(self.parameters())
         dd = dict(device=reference.device, dtype=reference.dtype)
@@ -669,6 +680,7 @@ class PIIP(nn.Module):
             for module in rebuilt:
                 module.apply(_init_neck_weights)
         self.reset_classifier(self.num_classes)
+        return kept
 
 
 def _input_stride(stride: int, image_ratio: float) -> Union[int, float]:
