@@ -135,8 +135,8 @@ class PIIP(nn.Module):
     ``feature_info`` / ``forward_intermediates``: with a pyramid, its levels; with out_interactions,
     the merged maps at their output strides; otherwise the finest branch's token map after each interaction
     step (like timm's ViTs, one level per step of the network). A model without head and merge (the PIIP-LLaVA
-    towers), whose output is every branch's map, has every branch's map after each step (step by step, finest
-    branch first), or, with ``feature_levels='branches'``, every branch's final map, finest first (the towers
+    towers), whose output is every branch's map, has every branch's map after each step (by increasing
+    reduction: the finest branch's steps first), or, with ``feature_levels='branches'``, every branch's final map, finest first (the towers
     built with ``features_only=True``).
     """
 
@@ -368,8 +368,8 @@ class PIIP(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: Union[bool, str] = True) -> None:
         """Recompute activations in the backward instead of keeping them: ``True`` / ``'all'`` (branch layers
-        and interaction units), ``'interactions'`` (only the units: most of the memory PIIP holds beyond its
-        branches' for a fraction of the recompute), ``'blocks'`` (only the branch layers), ``False`` (none)."""
+        and interaction units), ``'interactions'`` (only the units: the smaller saving, little recompute),
+        ``'blocks'`` (only the branch layers), ``False`` (none). The benchmark's checkpointing section measures them."""
         modes = {True: 'all', False: False, 'all': 'all', 'interactions': 'interactions', 'blocks': 'blocks'}
         if not isinstance(enable, (bool, str)) or enable not in modes:
             raise ValueError(f"grad checkpointing must be True, False, 'all', 'interactions' or 'blocks', "
@@ -479,10 +479,9 @@ class PIIP(nn.Module):
             tap_levels: Sequence[int] = (),
             last_step: Optional[int] = None,
     ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]], List[Grid], List[torch.Tensor], List[torch.Tensor]]:
-        """``forward_branches`` up to step ``last_step``, with the finest branch's (B, C, H, W) map
-        ``level_taps[j]`` for each level ``j`` in ``tap_levels``, in that order (one branch's (B, C, H, W) map after
-        one step),
-        and the merges after ``out_interactions`` (if the model has them)."""
+        """``forward_branches`` up to step ``last_step``, with the map of level ``j`` (``level_taps[j]``: one
+        branch's (B, C, H, W) map after one step) for each ``j`` in ``tap_levels``, in that order, and the merges
+        after ``out_interactions`` (if the model has them)."""
         self._check_input(x)
         tokens, prefixes, grids, merged = [], [], [], []
         taps = {}
