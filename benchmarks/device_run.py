@@ -38,12 +38,6 @@ def _first_call_s(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def compile_regions(model: nn.Module, **kwargs) -> nn.Module:
-    """``PIIP.compile_regions`` on a PIIP model, or on the PIIP inside a benchmark wrapper; returns ``model``."""
-    getattr(model, 'model', model).compile_regions(**kwargs)
-    return model
-
-
 def compile_section(quick: bool, repeats: int) -> Dict:
     """PIIP-TSB 368 (ImageNet) eager, compiled per region (``compile_regions``) and compiled whole
     (``torch.compile(model)``), inductor, fp32, batch 1: compile time (first call, caches off) and latency
@@ -115,7 +109,7 @@ def device_pair(index: int, batch: int, quick: bool, repeats: int) -> Dict:
     xb, yb = x1.expand(batch, -1, -1, -1).contiguous(), y1.expand(batch, -1, -1, -1).contiguous()
     eager = _measure(piip, base, x1, y1, xb, yb, repeats)
     mode = 'reduce-overhead' if device().type == 'cuda' else None
-    compile_regions(piip, mode=mode)
+    models.piip_inside(piip).compile_regions(mode=mode)
     base = torch.compile(base, mode=mode)
     compile_s = dict(piip=_first_call_s(forward_fn(piip, x1)), baseline=_first_call_s(forward_fn(base, y1)))
     compiled = _measure(piip, base, x1, y1, xb, yb, repeats)

@@ -23,6 +23,11 @@ class PaperRow(NamedTuple):
     paper_gmacs: float
 
 
+def piip_inside(model: nn.Module) -> PIIP:
+    """The PIIP model itself, also when a benchmark wrapper (``MergedMaps``, ``DenseOutput``) holds it."""
+    return getattr(model, 'model', model)
+
+
 class MergedMaps(nn.Module):
     """forward(x) -> the merged maps of a regular-FPN PIIP detector, before its output levels: what
     mmdetection/get_flops_det.py counts (``cal_flops`` returns after the merges)."""

@@ -88,8 +88,7 @@ CHECKPOINTING_MODES = ('none', 'interactions', 'blocks', 'all')
 
 def _set_checkpointing(model: torch.nn.Module, mode: str) -> None:
     """``PIIP.set_grad_checkpointing`` on the PIIP model inside a benchmark wrapper ('none': off)."""
-    piip = getattr(model, 'model', model)
-    piip.set_grad_checkpointing(False if mode == 'none' else mode)
+    models.piip_inside(model).set_grad_checkpointing(False if mode == 'none' else mode)
 
 
 def memory_probe(pair_index: int, role: str, mode: str, quick: bool) -> Dict:

@@ -100,8 +100,8 @@ def test_tower_outputs_in_timm_idiom():
     case, tower_state, _, tensors = load_llava_case('llava2_clip_bl')
     model = piip_timm.from_original(case['constructor_kwargs'], 'llava_vision_tower', checkpoint=tower_state,
                                     pretrained_configs=case['pretrained_configs']).model.eval()
-    as_levels = PIIP(**{**translate_llava_config(case['constructor_kwargs'], case['pretrained_configs']),
-                        'feature_levels': 'branches'}).eval()
+    kwargs = translate_llava_config(case['constructor_kwargs'], case['pretrained_configs'])
+    as_levels = PIIP(**{**kwargs, 'feature_levels': 'branches'}).eval()
     load_strict(as_levels, model.state_dict())
     x = tensors['input']
     with torch.no_grad():
@@ -131,7 +131,6 @@ def test_tower_outputs_in_timm_idiom():
     assert torch.allclose(pooled, torch.cat([tensors['output.0'].mean((2, 3)), tensors['output.1'].mean((2, 3))], 1),
                           atol=1e-5 * pooled.abs().max().item())
     assert model.num_features == pooled.shape[1] == 56 + 48
-    kwargs = translate_llava_config(case['constructor_kwargs'], case['pretrained_configs'])
     with pytest.raises(ValueError, match="feature_levels='branches' needs a model without head and merge"):
         PIIP(**{**kwargs, 'head': 'merged', 'merge': 'linear', 'feature_levels': 'branches'})
 

@@ -446,7 +446,7 @@ def _create_tower(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
         check_hub_files(tag.hub_files())
         kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=tag.load_tower())
     # features_only: the two maps the projector takes (finest first); the plain tower's intermediates are
-    # the finest branch's map after each interaction step, as for the classifiers.
+    # every branch's map after each interaction step.
     levels = 'branches' if kwargs.get('features_only') else 'steps'
     levels = kwargs.pop('feature_levels', levels)
     model = build_model_with_cfg(
