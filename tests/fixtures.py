@@ -9,6 +9,7 @@
 import argparse
 import io
 import json
+import random
 from dataclasses import asdict
 from typing import Dict, List
 
@@ -70,6 +71,15 @@ def internvit_repo_files(weights: Dict[str, torch.Tensor]) -> Dict[str, bytes]:
              'weight_map': {k: name for name, names in halves.items() for k in names}}
     files['model.safetensors.index.json'] = json.dumps(index).encode()
     return files
+
+
+# Seeds of 4 KiB of random bytes that make torch's weights-only unpickler fail in each of the ways seen
+# (found by trying seeds: an unknown opcode, an empty stack, an unknown memo key, an undecodable string).
+GARBAGE_SEEDS = {'UnpicklingError': 0, 'IndexError': 2, 'KeyError': 20, 'UnicodeDecodeError': 195}
+
+
+def garbage_bytes(seed: int) -> bytes:
+    return random.Random(seed).randbytes(4096)
 
 
 def save_safetensors_bytes(weights: Dict[str, torch.Tensor]) -> bytes:

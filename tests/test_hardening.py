@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import piip_timm
 from piip_timm.convert import convert_original_state_dict
 
 from conftest import REFERENCE_DIR, load_case
-from fixtures import (branch_dicts, internvit_hf_weights, internvit_repo_files, pretrained_tiny_branches,
-                      save_safetensors_bytes, timm_branch_weights)
+from fixtures import (GARBAGE_SEEDS, branch_dicts, garbage_bytes, internvit_hf_weights, internvit_repo_files,
+                      pretrained_tiny_branches, save_safetensors_bytes, timm_branch_weights)
 from helpers import disable_drop_path, perturb, tiny_variant
 from hubtools import LocalHub, run_python
 
@@ -299,6 +300,29 @@ def test_broken_checkpoints_are_named_and_never_half_loaded(tmp_path):
     half_precision = {k: v.half() for k, v in good.items()}  # precisions convert; that is not an error
     loaded = piip_timm.from_original(config, 'cls', checkpoint=half_precision)
     assert loaded.state_dict()[key].dtype == torch.float32
+
+
+def test_every_unreadable_file_is_one_clear_error_and_only_code_is_refused(tmp_path):
+    from piip_timm.weights import load_checkpoint_file
+    good = tmp_path / 'good.pth'
+    torch.save({'w': torch.ones(2)}, good)
+    files = {f'garbage_{name}.pth': garbage_bytes(seed) for name, seed in GARBAGE_SEEDS.items()}
+    files['truncated.pth'] = good.read_bytes()[: good.stat().st_size // 2]
+    files['truncated.safetensors'] = save_safetensors_bytes({'w': torch.ones(64)})[:40]
+    for filename, data in files.items():
+        path = tmp_path / filename
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as raised:
+            load_checkpoint_file(path)
+        text = str(raised.value)
+        assert filename in text and 'truncated or corrupt' in text and 'refused' not in text, text
+        raw = re.escape(filename.split('_')[1].split('.')[0]) if filename.startswith('garbage_') else ''
+        assert re.search(raw, text), text  # the reader's own error type is named
+    evil = tmp_path / 'evil.pth'
+    evil.write_bytes(pickle.dumps(os.getcwd, protocol=2))  # torch.save's protocol; it names a function
+    with pytest.raises(ValueError, match=r"was refused.*GLOBAL posix\.getcwd") as raised:
+        load_checkpoint_file(evil)
+    assert 'corrupt' not in str(raised.value)
 
 
 def test_converter_leaves_nothing_behind_when_it_fails(tmp_path, capsys):

@@ -24,8 +24,8 @@ from piip_timm.variants import PRETRAINED, PIIP_REPO
 
 from conftest import REFERENCE_DIR, load_case
 from helpers import reference_rel_pos_resize
-from fixtures import (BRANCH_REPOS, INTERNVIT_REPO, RELEASED_FILES, branch_dicts, internvit_hf_weights,
-                      internvit_repo_files, pretrained_tiny_branches, random_like, released_classifier_file,
+from fixtures import (BRANCH_REPOS, GARBAGE_SEEDS, INTERNVIT_REPO, RELEASED_FILES, branch_dicts, garbage_bytes,
+                      internvit_hf_weights, internvit_repo_files, pretrained_tiny_branches, random_like, released_classifier_file,
                       released_detector_file, save_safetensors_bytes, timm_branch_weights, to_original_layout)
 from hubtools import HungServer, LocalHub, dead_endpoint, run_python
 
@@ -461,15 +461,22 @@ def test_corrupt_files_and_wrong_variants_are_clear_errors(hub, tmp_path):
     save_file(convert_original_state_dict(state), str(good))
     truncated = tmp_path / 'truncated.safetensors'
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    garbage = tmp_path / 'garbage.pth'
-    garbage.write_bytes(os.urandom(4096))
+    # random bytes that torch's unpickler rejects as an unknown opcode (which timm re-raises as "needs
+    # non-allowlisted globals") and as an empty stack (an IndexError timm passes through)
+    garbage = {seed: tmp_path / f'garbage{seed}.pth' for seed in (GARBAGE_SEEDS['UnpicklingError'],
+                                                                  GARBAGE_SEEDS['IndexError'])}
+    for seed, path in garbage.items():
+        path.write_bytes(garbage_bytes(seed))
     common = dict(branches=branch_dicts(kwargs['branches']), interaction=vars(kwargs['interaction']))
     message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
                        kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(truncated))))
-    assert message.startswith('ValueError') and 'truncated.safetensors' in message and 'corrupt' in message
-    message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
-                       kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(garbage))))
-    assert message.startswith('ValueError') and 'garbage.pth' in message and 'corrupt' in message
+    assert message.startswith('ValueError') and 'truncated.safetensors' in message
+    assert 'truncated or corrupt' in message and 'refused' not in message
+    for path in garbage.values():
+        message, _ = _fail('piip_tsb', server.endpoint, tmp_path / 'home',
+                           kwargs=dict(common, pretrained_cfg_overlay=dict(file=str(path))))
+        assert message.startswith('ValueError') and path.name in message, message
+        assert 'truncated or corrupt' in message and 'refused' not in message, message
     # another variant's checkpoint: the SBL-like case into the TSB-like model
     _, other, _, _ = load_case(REFERENCE_DIR / 'cases' / 'cls3_augreg.json')
     wrong = tmp_path / 'wrong.safetensors'

@@ -6,7 +6,6 @@ Every registered name is a row of the paper: the NeurIPS 2024 ViT models (``piip
 V for ViT, T/S/B for the size). Any other mix of branches goes through the same entry points with
 ``branches=[...]``, or through ``piip_timm.PIIP`` / ``piip_timm.create_piip``.
 """
-import pickle
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
@@ -21,7 +20,7 @@ from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict
 from .piip import PIIP, BranchSpec, HeadStyle, InteractionCfg, MergeStyle
 from .uniperceiver_branch import UniPerceiverBranchCfg
 from .vit_branch import BranchCfg
-from .weights import allow_training_metadata
+from .weights import allow_training_metadata, describe_load_error, load_error_detail
 
 __all__ = ['VARIANTS', 'PRETRAINED', 'VariantCfg', 'PretrainedTag', 'model_args', 'entry_point_name',
            'customize_branches']
@@ -545,23 +544,20 @@ def _weights_error(
         kwargs: Mapping[str, Any],
 ) -> Optional[Exception]:
     """A clear error for an unreadable or refused weight file (None for anything else)."""
-    from safetensors import SafetensorError
+    kind = describe_load_error(error)
+    if kind is None:
+        return None
     cfg = kwargs.get('pretrained_cfg')
     where = overlay.get('file') or overlay.get('hf_hub_id') or (
         cfg.get('hf_hub_id') if isinstance(cfg, Mapping) else None) or (
         f'{PIIP_REPO}/{weights.file}' if weights is not None and weights.file else variant)
-    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if isinstance(error, (pickle.UnpicklingError, RuntimeError)) and (
-            'weights_only' in str(error) or 'Unsupported global' in str(error)):
+    if kind == 'refused':
         return ValueError(
             f'the weights at {where} were refused: the file is a pickle that needs more than tensors to load '
-            f'({first_line}); only weights-only checkpoints and safetensors are accepted.')
-    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)) or (
-            isinstance(error, RuntimeError) and ('PytorchStreamReader' in str(error) or 'zip archive' in str(error))):
-        return ValueError(
-            f'the weights at {where} are not a readable checkpoint ({type(error).__name__}: {first_line}); the file '
-            'may be truncated or corrupt: delete it (or its copy in the Hugging Face cache) and download it again.')
-    return None
+            f'({load_error_detail(error)}); only weights-only checkpoints and safetensors are accepted.')
+    return ValueError(
+        f'the weights at {where} are not a readable checkpoint ({load_error_detail(error)}); the file '
+        'may be truncated or corrupt: delete it (or its copy in the Hugging Face cache) and download it again.')
 
 
 def _cfg(arch: VariantCfg, **kwargs) -> Dict[str, Any]:

@@ -4,12 +4,12 @@ import contextlib
 import logging
 import os
 import pickle
-from typing import Callable, Dict, Iterator, Mapping, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ['load_checkpoint_file', 'load_strict', 'complete_state_dict', 'allow_training_metadata']
+__all__ = ['load_checkpoint_file', 'load_strict', 'complete_state_dict', 'allow_training_metadata', 'describe_load_error']
 
 _logger = logging.getLogger(__name__)
 
@@ -25,6 +25,54 @@ def allow_training_metadata() -> Iterator[None]:
         yield
 
 
+# Modules whose code runs while a weight file is read: an exception raised inside them means the file
+# itself could not be read, whatever its type (random bytes make the unpickler raise IndexError,
+# KeyError, UnicodeDecodeError, ...).
+_READER_MODULES = ('torch.serialization', 'torch._weights_only_unpickler', 'safetensors')
+# What the weights-only unpickler says when a pickle asks for code (a global or a call), as opposed
+# to bytes that are no pickle at all ("Unsupported operand ...").
+_REFUSAL_MARKS = ('GLOBAL', 'reduce for unrecognized function')
+
+
+def _exception_chain(error: BaseException) -> List[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _raised_by_reader(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get('__name__', '')
+        if any(module == m or module.startswith(m + '.') for m in _READER_MODULES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def describe_load_error(error: BaseException) -> Optional[str]:
+    """Why reading a weight file failed: ``'refused'``, ``'unreadable'``, or None if no file read failed.
+
+    Decided from the exception chain, so it holds for errors that timm or torch re-raise as another type.
+    """
+    chain = _exception_chain(error)
+    if any(isinstance(e, pickle.UnpicklingError) and any(m in str(e) for m in _REFUSAL_MARKS) for e in chain):
+        return 'refused'
+    if any(_raised_by_reader(e) for e in chain):
+        return 'unreadable'
+    return None
+
+
+def load_error_detail(error: BaseException) -> str:
+    """The first line of the innermost error: the reader's own words, not a wrapper's advice."""
+    innermost = _exception_chain(error)[-1]
+    text = str(innermost).strip()
+    return f'{type(innermost).__name__}: {text.splitlines()[0]}' if text else type(innermost).__name__
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.bin`` file unpickled with ``weights_only=True``.
 
@@ -34,21 +82,23 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no weight file at {path!r}.')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        try:
-            return load_file(path, device='cpu')
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
-            raise ValueError(f'{path!r} is not a readable safetensors file ({e}); re-download or re-convert it.') from e
     try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
         with allow_training_metadata():
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f'{path!r} was refused: it is a pickle that needs more than tensors to load ({str(e).splitlines()[0]}); '
-            'only weights-only checkpoints are accepted, convert it to safetensors in a trusted environment.') from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f'{path!r} is not a readable PyTorch checkpoint ({e}); re-download it.') from e
+    except Exception as e:
+        kind = describe_load_error(e)
+        if kind == 'refused':
+            raise ValueError(
+                f'{path!r} was refused: it is a pickle that needs more than tensors to load ({load_error_detail(e)}); '
+                'only weights-only checkpoints are accepted, convert it to safetensors in a trusted environment.') from e
+        if kind == 'unreadable':
+            raise ValueError(
+                f'{path!r} is not a readable checkpoint ({load_error_detail(e)}); the file may be truncated or '
+                'corrupt: delete it and download or convert it again.') from e
+        raise
 
 
 def complete_state_dict(
