@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -154,13 +154,26 @@ def speed_pair(index: int, quick: bool, repeats: int, threads: int) -> Dict:
     return row
 
 
-def speed_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
+def _chosen(pairs, indices: Sequence[int], only: Sequence[str]) -> List[int]:
+    """The pairs of ``indices`` whose PIIP name starts with one of ``only`` (all of them if it is empty)."""
+    return [i for i in indices if not only or any(pairs[i].name.startswith(prefix) for prefix in only)]
+
+
+def _with_kept_rows(pairs, kept: Sequence[Dict], measured: Sequence[Dict]) -> List[Dict]:
+    """The rows just measured and the kept rows of the other pairs, in the pairs' order (``--only``)."""
+    by_name = {r['name']: r for r in kept}
+    by_name.update({r['name']: r for r in measured})
+    return [by_name[p.name] for p in pairs if p.name in by_name]
+
+
+def speed_section(quick: bool, repeats: int, threads: int, save, only: Sequence[str] = (),
+                  kept: Sequence[Dict] = ()) -> List[Dict]:
     """Every pair in a fresh process: a process that has run a large model keeps its freed heap, and
     that plus the next pair's memory probe did not fit in 24 GB. ``save`` is called after each pair."""
     pairs = models.tiny_pairs() if quick else models.speed_pairs()
     # Quick: the two detector pairs alone (they cover the ViTDet and ConvNeXt baselines; the ImageNet pair
     # takes the same path), as each pair starts five processes that each import torch and timm.
-    indices = [1, 2] if quick else range(len(pairs))
+    indices = _chosen(pairs, [1, 2] if quick else range(len(pairs)), only)
     out = []
     for index in indices:
         pair = pairs[index]
@@ -174,15 +187,17 @@ def speed_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
         print(f'  fwd {row["piip_fwd_s"]:.3f} s vs {row["baseline_fwd_s"]:.3f} s = {row["fwd_ratio"]:.2f}x '
               f'(FLOPs {row["flop_ratio"]:.2f}x); fwd+bwd {row["train_ratio"]:.2f}x', flush=True)
         out.append(row)
-        save(out)
-    return out
+        save(_with_kept_rows(pairs, kept, out))
+    return _with_kept_rows(pairs, kept, out)
 
 
-def checkpointing_section(quick: bool, repeats: int, threads: int, save) -> List[Dict]:
+def checkpointing_section(quick: bool, repeats: int, threads: int, save, only: Sequence[str] = (),
+                          kept: Sequence[Dict] = ()) -> List[Dict]:
     """Training memory and time of the detector pairs with each ``set_grad_checkpointing`` mode: peak of one
     fwd+bwd from a fresh process per mode, and fwd+bwd time with the modes alternated on one model."""
     pairs = models.tiny_pairs() if quick else models.speed_pairs()
-    indices = [1] if quick else [i for i, p in enumerate(pairs) if '+ merge + pyramid' in p.name]
+    detectors = [1] if quick else [i for i, p in enumerate(pairs) if '+ merge + pyramid' in p.name]
+    indices = _chosen(pairs, detectors, only)
     out = []
     for index in indices:
         pair = pairs[index]
@@ -207,8 +222,8 @@ def checkpointing_section(quick: bool, repeats: int, threads: int, save) -> List
         out.append(dict(name=pair.name, baseline=pair.baseline_name, baseline_peak_mb=baseline_peak, modes=rows))
         print('  ' + '; '.join(f'{m}: {r["peak_mb"]:.0f} MB ({r["peak_vs_baseline"]:.2f}x baseline), '
                                f'{r["train_s"]:.2f} s ({r["time_vs_none"]:.2f}x)' for m, r in rows.items()), flush=True)
-        save(out)
-    return out
+        save(_with_kept_rows(pairs, kept, out))
+    return _with_kept_rows(pairs, kept, out)
 
 
 def deform_shapes(quick: bool):
@@ -620,6 +635,9 @@ def main() -> None:
                              'batch 1 and a throughput batch; see device_run.py)')
     parser.add_argument('--update', action='store_true',
                         help='keep the other sections of an existing results.json (rerun only --sections)')
+    parser.add_argument('--only', default='',
+                        help="comma-separated starts of PIIP model names: measure only those rows of the speed and "
+                             "checkpointing sections (e.g. 'PIIP-SBL,PIIP-TSBL'); with --update the other rows stay")
     parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
     parser.add_argument('--speed-pair', type=int, metavar='PAIR', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -653,11 +671,14 @@ def main() -> None:
 
     if 'cost' in sections:
         save('cost', cost_section(args.quick))
+    only = [prefix for prefix in args.only.split(',') if prefix]
     if 'speed' in sections:
-        speed = speed_section(args.quick, repeats, args.threads, lambda rows: save('speed', rows))
+        speed = speed_section(args.quick, repeats, args.threads, lambda rows: save('speed', rows),
+                              only, results.get('speed', []))
         plot(speed, out / 'latency_vs_flops.png')
     if 'checkpointing' in sections:
-        checkpointing_section(args.quick, repeats, args.threads, lambda rows: save('checkpointing', rows))
+        checkpointing_section(args.quick, repeats, args.threads, lambda rows: save('checkpointing', rows),
+                              only, results.get('checkpointing', []))
     if 'compile' in sections:
         save('compile', compile_section(args.quick, repeats))
     if 'deform' in sections:

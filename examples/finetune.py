@@ -90,9 +90,11 @@ def wrap_distributed(model: torch.nn.Module, args, world: int, device: torch.dev
         return model
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
-        for branch in model.branches:  # shard block by block, then the rest
-            for block in branch.blocks:
-                fully_shard(block)
+        for branch in model.branches:  # shard layer by layer (any branch kind), then the rest
+            for index in range(branch.num_layers):
+                layer = branch.layer(index)
+                if any(True for _ in layer.parameters()):  # ConvNeXt's first downsampling is an Identity
+                    fully_shard(layer)
         for step in model.interactions:
             for unit in step:
                 fully_shard(unit)

@@ -52,3 +52,26 @@ def test_device_run_on_cpu_writes_report_and_results(tmp_path):
     for kind in ('eager', 'compiled'):
         assert row[kind]['piip_s'] > 0 and row[kind]['baseline_s'] > 0 and row[kind]['piip_img_s'] > 0
     assert row['compile_s']['piip'] > 0 and row['compile_mode'] == 'default'
+
+
+def test_only_remeasures_the_named_rows_and_update_keeps_the_others(tmp_path):
+    """`--only NAME --update`: the chosen detector's checkpointing row is measured, another pair's stored row
+    is kept as it was (the way the SBL and TSBL rows were added beside the TSB row), in the pairs' order."""
+    stored_mode = dict(peak_mb=1.0, peak_vs_baseline=1.0, train_s=1.0, time_vs_none=1.0)
+    kept = dict(name='tiny PIIP-CT-CS-CB detector', baseline='stored', baseline_peak_mb=1.0, modes=dict(none=stored_mode))
+    (tmp_path / 'results.json').write_text(json.dumps(dict(command='earlier', checkpointing=[kept])))
+    command = [sys.executable, str(ROOT / 'benchmarks' / 'run.py'), '--quick', '--sections', 'checkpointing',
+               '--update', '--out', str(tmp_path)]
+    result = subprocess.run(command + ['--only', 'tiny PIIP-TSB detector'], capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    measured, stored = results['checkpointing']
+    assert measured['name'] == 'tiny PIIP-TSB detector' and measured['modes']['blocks']['peak_mb'] > 0
+    assert stored == kept
+    assert '| tiny PIIP-CT-CS-CB detector | none | 1 | 1.00x stored (1 MB) |' in (tmp_path / 'report.md').read_text()
+    assert results['command'].startswith('earlier; then python benchmarks/run.py') and '--only' in results['command']
+    # a prefix that names no detector measures nothing and keeps both rows
+    result = subprocess.run(command + ['--only', 'PIIP-nothing'], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / 'results.json').read_text())['checkpointing'] == [measured, stored]

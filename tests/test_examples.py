@@ -14,6 +14,11 @@ from piip_timm.variants import VARIANTS
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TSB = json.dumps(dict(branches=[asdict(b) for b in tiny_branches(VARIANTS['piip_tsb'].branches)],
                            interaction=dict(num_heads=4)))
+# The finest branch a small ConvNeXt (a hybrid like PIIP-VT-VS-CT): its layers are blocks and downsamplings.
+TINY_HYBRID = json.dumps(dict(
+    branches=[asdict(b) for b in tiny_branches(VARIANTS['piip_tsb'].branches)[:2]] + [dict(
+        kind='convnext', img_size=128, dims=[32, 32, 32, 32], depths=[1, 1, 1, 1], block_ranges=[[0, 2], [3, 6]])],
+    interaction=dict(num_heads=4), head='merged', merge='conv'))
 
 
 def run(args, timeout=900, env=None):
@@ -38,11 +43,12 @@ def test_finetune_on_digits_lowers_the_loss_and_resumes(tmp_path):
     assert resumed['loss_start'] < first['loss_start'] - 0.08
 
 
-@pytest.mark.parametrize('engine', ['ddp', 'fsdp'])
-def test_two_cpu_processes_with_gloo_keep_replicas_identical(tmp_path, engine):
+@pytest.mark.parametrize('engine, model_args', [('ddp', TINY_TSB), ('fsdp', TINY_TSB), ('fsdp', TINY_HYBRID)],
+                         ids=['ddp', 'fsdp', 'fsdp-convnext'])
+def test_two_cpu_processes_with_gloo_keep_replicas_identical(tmp_path, engine, model_args):
     # --standalone: the rendezvous takes a free port (a fixed one fails when something else holds it)
     results = run(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                   str(ROOT / 'examples' / 'finetune.py'), '--model', 'piip_tsb', '--model-args', TINY_TSB,
+                   str(ROOT / 'examples' / 'finetune.py'), '--model', 'piip_tsb', '--model-args', model_args,
                    '--no-pretrained', '--img-size', '64', '--batch-size', '16', '--max-steps', '4', '--amp', 'none',
                    '--output', str(tmp_path)] + (['--fsdp'] if engine == 'fsdp' else []), env={'OMP_NUM_THREADS': '1'})
     assert sorted(r['rank'] for r in results) == [0, 1]

@@ -16,7 +16,7 @@ import torch
 from .weights import load_checkpoint_file
 
 __all__ = ['HubFile', 'HubUnavailableError', 'BranchSource', 'check_hub_files', 'load_branch_state_dict',
-           'convert_internvit_hf_state_dict']
+           'convert_internvit_hf_state_dict', 'INDEX_FILES']
 
 _logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class BranchSource:
         if self.timm_model:
             import timm
             return [HubFile(timm.models.get_pretrained_cfg(self.timm_model).hf_hub_id, 'model.safetensors')]
-        return [HubFile(self.internvit_repo, name) for name in _INDEX_FILES[:1]]
+        return [HubFile(self.internvit_repo, name) for name in INDEX_FILES[:1]]
 
     def __str__(self) -> str:
         return self.timm_model or self.internvit_repo
@@ -113,7 +113,8 @@ def _load_timm_weights(name: str) -> Dict[str, torch.Tensor]:
     return load_state_dict_from_hf(cfg.hf_hub_id, cfg.hf_hub_filename or 'pytorch_model.bin')
 
 
-_INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
+# Sharded checkpoints: the index file names, preferred first.
+INDEX_FILES = ('model.safetensors.index.json', 'pytorch_model.bin.index.json')
 
 
 def load_sharded_state_dict(repo_id: str, keep: Optional[Callable[[str], bool]] = None) -> Dict[str, torch.Tensor]:
@@ -125,14 +126,14 @@ def load_sharded_state_dict(repo_id: str, keep: Optional[Callable[[str], bool]] 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     index_path = None
-    for index_name in _INDEX_FILES:
+    for index_name in INDEX_FILES:
         try:
             index_path = hf_hub_download(repo_id, index_name)
             break
         except EntryNotFoundError:
             continue
     if index_path is None:
-        raise FileNotFoundError(f'{repo_id} has neither {" nor ".join(_INDEX_FILES)}.')
+        raise FileNotFoundError(f'{repo_id} has neither {" nor ".join(INDEX_FILES)}.')
     with open(index_path) as f:
         weight_map = json.load(f).get('weight_map')
     if not isinstance(weight_map, dict) or not weight_map:

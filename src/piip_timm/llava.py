@@ -26,7 +26,7 @@ from .branch import BlockRanges, even_block_ranges
 from .clip_branch import CLIPBranchCfg, hf_clip_state_dict
 from .convert import checkpoint_filter_fn, convert_original_state_dict
 from .convnext_branch import CONVNEXT_SIZES, ConvNeXtBranchCfg, convnext_layer_strides
-from .hub import _INDEX_FILES as INDEX_FILES
+from .hub import INDEX_FILES
 from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict, load_sharded_state_dict
 from .layers.llava_projector import BranchMapProjector
 from .piip import PIIP, BranchSpec, InteractionCfg
