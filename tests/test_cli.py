@@ -40,6 +40,10 @@ def test_list_shows_every_tag(capsys):
     for variant, tags in PRETRAINED.items():
         for tag in tags:
             assert f'{variant}.{tag}' in out
+    # the PIIP-LLaVA towers too, with the sizes and repository of the released tower
+    assert 'piip_llava_clip_bl_512_256.llava_7b (default)' in out and 'piip_llava_clip_bl_512_256.branches' in out
+    line = next(x for x in out.splitlines() if x.startswith('piip_llava_clip_bl_512_256.llava_7b'))
+    assert '256/512' in line and 'OpenGVLab/PIIP-LLaVA_CLIP-BL_512-256_7B' in line
 
 
 def test_info_reports_branches_params_flops_and_pyramid(capsys):

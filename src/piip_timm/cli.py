@@ -7,15 +7,25 @@ __all__ = ['main']
 
 
 def _list(args: argparse.Namespace) -> int:
+    from .llava import TOWER_TAGS, TOWERS
     from .variants import PRETRAINED
+
+    def row(variant: str, name: str, default: bool, branches, notes: str, source: str) -> None:
+        sizes = '/'.join(str(b.img_size) for b in branches)
+        print(f'{variant + "." + name + (" (default)" if default else ""):44} {sizes:26} {notes}; {source}')
+
+    def sources(branch_sources) -> str:
+        return 'branches: ' + ', '.join(str(s) for s in branch_sources)
+
     print(f'{"model.tag":44} {"resolution (coarse→fine)":26} weights')
     for variant, tags in PRETRAINED.items():
         for i, (name, tag) in enumerate(tags.items()):
-            sizes = '/'.join(str(b.img_size) for b in tag.arch.branches)
-            source = f'OpenGVLab/PIIP {tag.file}' if tag.file else \
-                'branches: ' + ', '.join(str(s) for s in tag.branch_sources)
-            default = ' (default)' if i == 0 else ''
-            print(f'{variant + "." + name + default:44} {sizes:26} {tag.notes}; {source}')
+            source = f'OpenGVLab/PIIP {tag.file}' if tag.file else sources(tag.branch_sources)
+            row(variant, name, i == 0, tag.arch.branches, tag.notes, source)
+    for variant, tags in TOWER_TAGS.items():  # the PIIP-LLaVA vision towers
+        for i, (name, tag) in enumerate(tags.items()):
+            row(variant, name, i == 0, TOWERS[variant].branches, tag.notes,
+                tag.repo if tag.repo else sources(tag.branch_sources))
     return 0
 
 
