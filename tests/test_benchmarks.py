@@ -58,7 +58,8 @@ def test_only_remeasures_the_named_rows_and_update_keeps_the_others(tmp_path):
     """`--only NAME --update`: the chosen detector's checkpointing row is measured, another pair's stored row
     is kept as it was (the way the SBL and TSBL rows were added beside the TSB row), in the pairs' order."""
     stored_mode = dict(peak_mb=1.0, peak_vs_baseline=1.0, train_s=1.0, time_vs_none=1.0)
-    kept = dict(name='tiny PIIP-CT-CS-CB detector', baseline='stored', baseline_peak_mb=1.0, modes=dict(none=stored_mode))
+    kept = dict(name='tiny PIIP-CT-CS-CB detector', baseline='stored', baseline_peak_mb=1.0,
+                modes=dict(none=stored_mode))
     (tmp_path / 'results.json').write_text(json.dumps(dict(command='earlier', checkpointing=[kept])))
     command = [sys.executable, str(ROOT / 'benchmarks' / 'run.py'), '--quick', '--sections', 'checkpointing',
                '--update', '--out', str(tmp_path)]

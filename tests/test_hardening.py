@@ -306,21 +306,22 @@ def test_every_unreadable_file_is_one_clear_error_and_only_code_is_refused(tmp_p
     from piip_timm.weights import load_checkpoint_file
     good = tmp_path / 'good.pth'
     torch.save({'w': torch.ones(2)}, good)
-    files = {f'garbage_{name}.pth': garbage_bytes(seed) for name, seed in GARBAGE_SEEDS.items()}
-    files['truncated.pth'] = good.read_bytes()[: good.stat().st_size // 2]
-    files['truncated.safetensors'] = save_safetensors_bytes({'w': torch.ones(64)})[:40]
-    for filename, data in files.items():
+    # file name -> (bytes, the reader's error type the message names; None: not checked)
+    files = {f'garbage_{name}.pth': (garbage_bytes(seed), name) for name, seed in GARBAGE_SEEDS.items()}
+    files['truncated.pth'] = (good.read_bytes()[: good.stat().st_size // 2], None)
+    files['truncated.safetensors'] = (save_safetensors_bytes({'w': torch.ones(64)})[:40], None)
+    for filename, (data, reader_error) in files.items():
         path = tmp_path / filename
         path.write_bytes(data)
         with pytest.raises(ValueError) as raised:
             load_checkpoint_file(path)
         text = str(raised.value)
         assert filename in text and 'truncated or corrupt' in text and 'refused' not in text, text
-        raw = re.escape(filename.split('_')[1].split('.')[0]) if filename.startswith('garbage_') else ''
-        assert re.search(raw, text), text  # the reader's own error type is named
+        if reader_error is not None:
+            assert f'({reader_error}: ' in text, text
     evil = tmp_path / 'evil.pth'
     evil.write_bytes(pickle.dumps(os.getcwd, protocol=2))  # torch.save's protocol; it names a function
-    with pytest.raises(ValueError, match=r"was refused.*GLOBAL posix\.getcwd") as raised:
+    with pytest.raises(ValueError, match=r"were refused.*GLOBAL posix\.getcwd") as raised:
         load_checkpoint_file(evil)
     assert 'corrupt' not in str(raised.value)
 

@@ -25,8 +25,9 @@ from piip_timm.variants import PRETRAINED, PIIP_REPO
 from conftest import REFERENCE_DIR, load_case
 from helpers import reference_rel_pos_resize
 from fixtures import (BRANCH_REPOS, GARBAGE_SEEDS, INTERNVIT_REPO, RELEASED_FILES, branch_dicts, garbage_bytes,
-                      internvit_hf_weights, internvit_repo_files, pretrained_tiny_branches, random_like, released_classifier_file,
-                      released_detector_file, save_safetensors_bytes, timm_branch_weights, to_original_layout)
+                      internvit_hf_weights, internvit_repo_files, pretrained_tiny_branches, random_like,
+                      released_classifier_file, released_detector_file, save_safetensors_bytes, timm_branch_weights,
+                      to_original_layout)
 from hubtools import HungServer, LocalHub, dead_endpoint, run_python
 
 TINY_INTERACTION = dict(num_heads=4)

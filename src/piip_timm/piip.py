@@ -136,8 +136,8 @@ class PIIP(nn.Module):
     the merged maps at their output strides; otherwise the finest branch's token map after each interaction
     step (like timm's ViTs, one level per step of the network). A model without head and merge (the PIIP-LLaVA
     towers), whose output is every branch's map, has every branch's map after each step (by increasing
-    reduction: the finest branch's steps first), or, with ``feature_levels='branches'``, every branch's final map, finest first (the towers
-    built with ``features_only=True``).
+    reduction: the finest branch's steps first), or, with ``feature_levels='branches'``, every branch's final
+    map, finest first (the towers built with ``features_only=True``).
     """
 
     def __init__(

@@ -20,7 +20,7 @@ from .hub import BranchSource, HubFile, check_hub_files, load_branch_state_dict
 from .piip import PIIP, BranchSpec, HeadStyle, InteractionCfg, MergeStyle
 from .uniperceiver_branch import UniPerceiverBranchCfg
 from .vit_branch import BranchCfg
-from .weights import allow_training_metadata, describe_load_error, load_error_detail
+from .weights import allow_training_metadata, weight_file_error
 
 __all__ = ['VARIANTS', 'PRETRAINED', 'VariantCfg', 'PretrainedTag', 'model_args', 'entry_point_name',
            'customize_branches']
@@ -543,21 +543,12 @@ def _weights_error(
         weights: Optional[PretrainedTag],
         kwargs: Mapping[str, Any],
 ) -> Optional[Exception]:
-    """A clear error for an unreadable or refused weight file (None for anything else)."""
-    kind = describe_load_error(error)
-    if kind is None:
-        return None
+    """A clear error for an unreadable or refused weight file, naming where it came from (None for anything else)."""
     cfg = kwargs.get('pretrained_cfg')
     where = overlay.get('file') or overlay.get('hf_hub_id') or (
         cfg.get('hf_hub_id') if isinstance(cfg, Mapping) else None) or (
         f'{PIIP_REPO}/{weights.file}' if weights is not None and weights.file else variant)
-    if kind == 'refused':
-        return ValueError(
-            f'the weights at {where} were refused: the file is a pickle that needs more than tensors to load '
-            f'({load_error_detail(error)}); only weights-only checkpoints and safetensors are accepted.')
-    return ValueError(
-        f'the weights at {where} are not a readable checkpoint ({load_error_detail(error)}); the file '
-        'may be truncated or corrupt: delete it (or its copy in the Hugging Face cache) and download it again.')
+    return weight_file_error(error, where)
 
 
 def _cfg(arch: VariantCfg, **kwargs) -> Dict[str, Any]:

@@ -9,7 +9,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ['load_checkpoint_file', 'load_strict', 'complete_state_dict', 'allow_training_metadata', 'describe_load_error']
+__all__ = ['load_checkpoint_file', 'load_strict', 'complete_state_dict', 'allow_training_metadata',
+           'weight_file_error']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,11 +54,9 @@ def _raised_by_reader(error: BaseException) -> bool:
     return False
 
 
-def describe_load_error(error: BaseException) -> Optional[str]:
+def _load_error_kind(error: BaseException) -> Optional[str]:
     """Why reading a weight file failed: ``'refused'``, ``'unreadable'``, or None if no file read failed.
-
-    Decided from the exception chain, so it holds for errors that timm or torch re-raise as another type.
-    """
+    Decided from the exception chain, so it holds for errors that timm or torch re-raise as another type."""
     chain = _exception_chain(error)
     if any(isinstance(e, pickle.UnpicklingError) and any(m in str(e) for m in _REFUSAL_MARKS) for e in chain):
         return 'refused'
@@ -66,11 +65,27 @@ def describe_load_error(error: BaseException) -> Optional[str]:
     return None
 
 
-def load_error_detail(error: BaseException) -> str:
+def _reader_words(error: BaseException) -> str:
     """The first line of the innermost error: the reader's own words, not a wrapper's advice."""
     innermost = _exception_chain(error)[-1]
     text = str(innermost).strip()
     return f'{type(innermost).__name__}: {text.splitlines()[0]}' if text else type(innermost).__name__
+
+
+def weight_file_error(error: BaseException, where: str) -> Optional[ValueError]:
+    """The clear error for a weight file at ``where`` that was refused (a pickle asking for code) or could
+    not be read (truncated, corrupt); None if ``error`` did not come from reading a weight file."""
+    kind = _load_error_kind(error)
+    if kind == 'refused':
+        return ValueError(
+            f'the weights at {where} were refused: the file is a pickle that needs more than tensors to load '
+            f'({_reader_words(error)}); only weights-only checkpoints and safetensors are accepted: convert it to '
+            'safetensors in a trusted environment.')
+    if kind == 'unreadable':
+        return ValueError(
+            f'the weights at {where} are not a readable checkpoint ({_reader_words(error)}); the file may be '
+            'truncated or corrupt: delete it (or its copy in the Hugging Face cache) and download or convert it again.')
+    return None
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
@@ -89,16 +104,10 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, torch.Tenso
         with allow_training_metadata():
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        kind = describe_load_error(e)
-        if kind == 'refused':
-            raise ValueError(
-                f'{path!r} was refused: it is a pickle that needs more than tensors to load ({load_error_detail(e)}); '
-                'only weights-only checkpoints are accepted, convert it to safetensors in a trusted environment.') from e
-        if kind == 'unreadable':
-            raise ValueError(
-                f'{path!r} is not a readable checkpoint ({load_error_detail(e)}); the file may be truncated or '
-                'corrupt: delete it and download or convert it again.') from e
-        raise
+        error = weight_file_error(e, repr(path))
+        if error is None:
+            raise
+        raise error from e
 
 
 def complete_state_dict(
