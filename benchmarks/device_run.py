@@ -39,44 +39,51 @@ def _first_call_s(fn: Callable[[], None]) -> float:
 
 
 def compile_section(quick: bool, repeats: int) -> Dict:
-    """PIIP-TSB 368 (ImageNet) eager, compiled per region (``compile_regions``) and compiled whole
-    (``torch.compile(model)``), inductor, fp32, batch 1: compile time (first call, caches off) and latency
-    (the three alternated)."""
+    """PIIP-TSB 368 (ImageNet) eager, compiled per region (``compile_regions('steps')``, the default, and
+    ``compile_regions('layers')``) and compiled whole (``torch.compile(model)``), inductor, fp32, batch 1: compile
+    time (first call, caches off) and latency (the four alternated)."""
     pair = (models.tiny_pairs() if quick else models.speed_pairs())[0]
     eager = pair.piip().to(device()).eval()
-    regional, whole = copy.deepcopy(eager), copy.deepcopy(eager)
     x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
-    _cold_compile_caches()
-    regional.compile_regions()
-    regional_compile_s = _first_call_s(forward_fn(regional, x))
-    _cold_compile_caches()
-    whole = torch.compile(whole)
-    whole_compile_s = _first_call_s(forward_fn(whole, x))
+    compiled, compile_s = {}, {}
+    for kind in ('regional', 'layers', 'whole'):
+        model = copy.deepcopy(eager)
+        _cold_compile_caches()
+        if kind == 'whole':
+            model = torch.compile(model)
+        else:
+            model.compile_regions('steps' if kind == 'regional' else 'layers')
+        compile_s[kind] = _first_call_s(forward_fn(model, x))
+        compiled[kind] = model
     with torch.inference_mode():
         reference = eager(x)
-        max_diff = max((regional(x) - reference).abs().max().item(), (whole(x) - reference).abs().max().item())
-    times = alternate([forward_fn(m, x) for m in (eager, regional, whole)], repeats)
-    row = dict(model=pair.name, eager_s=statistics.median(times[0]), regional_s=statistics.median(times[1]),
-               whole_s=statistics.median(times[2]), regional_compile_s=regional_compile_s,
-               whole_compile_s=whole_compile_s, regional_vs_eager=ratio(times[1], times[0]),
-               whole_vs_eager=ratio(times[2], times[0]), regional_vs_whole=ratio(times[1], times[2]),
-               max_abs_diff=max_diff)
-    print(f'compile: {pair.name}: regional {regional_compile_s:.0f} s to compile, {row["regional_vs_eager"]:.2f}x eager; '
-          f'whole {whole_compile_s:.0f} s, {row["whole_vs_eager"]:.2f}x eager', flush=True)
+        max_diff = max((m(x) - reference).abs().max().item() for m in compiled.values())
+    times = alternate([forward_fn(m, x) for m in (eager, *compiled.values())], repeats)
+    row = dict(model=pair.name, eager_s=statistics.median(times[0]), max_abs_diff=max_diff)
+    for kind, kind_times in zip(compiled, times[1:]):
+        row.update({f'{kind}_s': statistics.median(kind_times), f'{kind}_compile_s': compile_s[kind],
+                    f'{kind}_vs_eager': ratio(kind_times, times[0])})
+    row['regional_vs_whole'] = ratio(times[1], times[3])
+    print(f'compile: {pair.name}: ' + '; '.join(
+        f"{kind} {compile_s[kind]:.0f} s to compile, {row[kind + '_vs_eager']:.2f}x eager" for kind in compiled),
+        flush=True)
     return row
 
 
 def compile_report(c: Dict) -> List[str]:
+    rows = [('regional, steps (default)', 'regional'), ('regional, layers', 'layers'), ('whole model', 'whole')]
     return ['## Compilation', '',
             f"{c['model']}, batch 1, fp32, inductor; compile time: the first call from cold caches; latency: medians "
-            'of the three alternated. Regional: `model.compile_regions()` (each branch layer and interaction unit '
-            'compiled on its own, shared code across layers of one shape); whole: `torch.compile(model)`.', '',
+            'of the four alternated. Regional, steps: `model.compile_regions()` (each interaction step, i.e. every '
+            "branch's layers of the step and its interaction units, one graph shared by the steps alike); regional, "
+            "layers: `model.compile_regions('layers')` (each branch layer and interaction unit on its own); whole: "
+            '`torch.compile(model)`.', '',
             '| | compile (s) | latency (s) | vs eager |', '|---|---|---|---|',
             f"| eager | - | {c['eager_s']:.3f} | 1.00x |",
-            f"| regional | {c['regional_compile_s']:.0f} | {c['regional_s']:.3f} | {c['regional_vs_eager']:.2f}x |",
-            f"| whole model | {c['whole_compile_s']:.0f} | {c['whole_s']:.3f} | {c['whole_vs_eager']:.2f}x |", '',
-            f"Regional / whole-model latency: {c['regional_vs_whole']:.2f}x; largest output difference to eager: "
-            f"{c['max_abs_diff']:.1e}.", '']
+            *(f"| {label} | {c[kind + '_compile_s']:.0f} | {c[kind + '_s']:.3f} | {c[kind + '_vs_eager']:.2f}x |"
+              for label, kind in rows if kind + '_s' in c), '',
+            f"Regional (steps) / whole-model latency: {c['regional_vs_whole']:.2f}x; largest output difference to "
+            f"eager: {c['max_abs_diff']:.1e}.", '']
 
 
 def _peak_mb(fn: Callable[[], None]) -> Optional[float]:

@@ -48,10 +48,19 @@ def _hybrid_convnext_vit() -> torch.nn.Module:
 REGIONAL = {'piip_tsb': lambda: tiny_variant('piip_tsb', depth=2), 'convnext+vit': _hybrid_convnext_vit}
 
 
+def _compiled_regions(model, regions):
+    if regions == 'steps':
+        return model._compiled_steps
+    return [b.layer(j) for b in model.branches for j in range(b.num_layers)] + [
+        u for units in model.interactions for u in units]
+
+
+@pytest.mark.parametrize('regions', ['steps', 'layers'])
 @pytest.mark.parametrize('name', list(REGIONAL))
-def test_regional_compilation_matches_eager_and_compiles_each_layer_kind_once_per_shape(name):
-    """compile_regions: every branch layer and interaction unit compiled in place (names unchanged); outputs
-    and gradients of eager; dynamo traces one graph per distinct layer signature, not one per layer."""
+def test_regional_compilation_matches_eager_and_shares_graphs_between_regions(name, regions):
+    """compile_regions: outputs, per-step features and gradients of eager, with and without checkpointing
+    inside the regions; names unchanged; dynamo traces one graph per distinct region signature, not one per
+    region (the tiny TSB's two steps are alike: one graph; the hybrid's ConvNeXt steps differ: two)."""
     torch._dynamo.reset()
     counters.clear()
     model = disable_drop_path(perturb(REGIONAL[name]())).train()
@@ -61,18 +70,36 @@ def test_regional_compilation_matches_eager_and_compiles_each_layer_kind_once_pe
     expected.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.compile_regions(backend='aot_eager')
+    with torch.no_grad():
+        expected_levels = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    model.compile_regions(regions, backend='aot_eager')
     out = model(x)
     out.square().mean().backward()
-    regions = [b.layer(j) for b in model.branches for j in range(b.num_layers)] + [
-        u for units in model.interactions for u in units]
-    assert all(r._compiled_call_impl is not None for r in regions)
+    compiled = _compiled_regions(model, regions)
+    assert compiled and all(r._compiled_call_impl is not None for r in compiled)
     assert list(model.state_dict()) == keys
     assert sum(counters['graph_break'].values()) == 0
-    assert 0 < counters['stats']['unique_graphs'] < len(regions)
+    graphs = counters['stats']['unique_graphs']
+    if regions == 'steps':
+        assert graphs == {'piip_tsb': 1, 'convnext+vit': 2}[name]
+    else:
+        assert 0 < graphs < len(compiled)
     assert torch.allclose(out, expected, atol=1e-6)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4), n
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().mean().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4), n
+    with torch.no_grad():
+        levels = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    assert torch.allclose(levels[0], expected_levels[0], atol=1e-6)
+
+
+def test_compile_regions_rejects_unknown_regions():
+    with pytest.raises(ValueError, match="regions must be 'steps' or 'layers'"):
+        tiny_variant('piip_tsb', depth=1).compile_regions('blocks')
 
 
 def test_inductor_forward_matches_eager():

@@ -59,8 +59,8 @@ def test_branch_is_a_timm_convnext_run_layer_by_layer():
         stages = reference.forward_intermediates(x, intermediates_only=True)
         tokens, prefix, hw = branch.embed(x)
         maps = []
-        for start, end in cfg.block_ranges:  # (1, 4) crosses stage 1 and ends inside stage 2
-            tokens, prefix, hw = branch.forward_layers(start, end, tokens, prefix, hw)
+        for step in range(len(cfg.block_ranges)):  # (1, 4) crosses stage 1 and ends inside stage 2
+            tokens, prefix, hw = branch.forward_layers(branch.step_layers(step), tokens, prefix, hw)
             maps.append(tokens.transpose(1, 2).reshape(2, -1, *hw))
     assert prefix is None and tokens.is_contiguous()
     assert torch.allclose(maps[0], stages[0], atol=1e-5)

@@ -9,7 +9,7 @@ The model talks to branches only through this interface, so every branch kind go
 code path; a new kind of branch is one class that implements it, plus its config dataclass, listed in
 ``branch_kinds``.
 """
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -82,16 +82,22 @@ class PIIPBranch(nn.Module):
         """Image (B, C, H, W) -> tokens (B, N, C) in (B, N, C) memory, prefix tokens (or None), token grid."""
         raise NotImplementedError
 
+    def step_layers(self, step: int) -> List[nn.Module]:
+        """The modules of the counted layers this branch runs before interaction ``step``."""
+        start, end = self.cfg.block_ranges[step]
+        return [self.layer(j) for j in range(start, end + 1)]
+
     def forward_layers(
             self,
-            start: int,
-            end: int,
+            layers: Sequence[nn.Module],
             tokens: torch.Tensor,
             prefix: Optional[torch.Tensor],
             hw: Grid,
             checkpointing: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Grid]:
-        """Run counted layers ``start..end`` (inclusive): new tokens, prefix tokens and grid."""
+        """Run ``layers`` (consecutive counted layers of this branch, e.g. ``step_layers(step)``): new tokens,
+        prefix tokens and grid. The layers are passed as modules, not indices, so that one compiled step
+        serves every step of the same shapes (an index would be a constant baked into the graph)."""
         raise NotImplementedError
 
     def layer_of_parameter(self, name: str) -> Optional[int]:

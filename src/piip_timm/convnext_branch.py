@@ -143,10 +143,9 @@ class ConvNeXtBranch(PIIPBranch, ConvNeXt):
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2).contiguous(), None, grid
 
-    def forward_layers(self, start, end, tokens, prefix, hw, checkpointing=False):
+    def forward_layers(self, layers, tokens, prefix, hw, checkpointing=False):
         x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], hw[0], hw[1])
-        for j in range(start, end + 1):
-            layer = self.layer(j)
+        for layer in layers:
             x = checkpoint(layer, x, use_reentrant=False) if checkpointing else layer(x)
         # Layers keep the channels-last memory of the tokens, so these are (B, N, C) views, not copies.
         return x.flatten(2).transpose(1, 2).contiguous(), prefix, (x.shape[-2], x.shape[-1])

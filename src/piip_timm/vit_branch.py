@@ -164,10 +164,9 @@ class IsotropicBranch(PIIPBranch):
     def max_stride(self) -> int:
         return self.cfg.patch_size
 
-    def forward_layers(self, start, end, tokens, prefix, hw, checkpointing=False):
+    def forward_layers(self, layers, tokens, prefix, hw, checkpointing=False):
         x = tokens if prefix is None else torch.cat((prefix, tokens), dim=1)
-        for j in range(start, end + 1):
-            block = self.blocks[j]
+        for block in layers:
             windowed = getattr(block.attn, 'window_size', None)
             if windowed:  # windowed attention takes the token grid
                 x = x.view(x.shape[0], hw[0], hw[1], x.shape[-1])
