@@ -58,12 +58,15 @@ def compile_section(quick: bool, repeats: int) -> Dict:
     with torch.inference_mode():
         reference = eager(x)
         max_diff = max((m(x) - reference).abs().max().item() for m in compiled.values())
-    times = alternate([forward_fn(m, x) for m in (eager, *compiled.values())], repeats)
-    row = dict(model=pair.name, eager_s=statistics.median(times[0]), max_abs_diff=max_diff)
+    # A round takes seconds and the compiles minutes: at least 15 rounds, enough to tell 1-2% apart.
+    rounds = repeats if quick else max(repeats, 15)
+    times = alternate([forward_fn(m, x) for m in (eager, *compiled.values())], rounds)
+    row = dict(model=pair.name, eager_s=statistics.median(times[0]), max_abs_diff=max_diff, rounds=rounds)
     for kind, kind_times in zip(compiled, times[1:]):
         row.update({f'{kind}_s': statistics.median(kind_times), f'{kind}_compile_s': compile_s[kind],
                     f'{kind}_vs_eager': ratio(kind_times, times[0])})
-    row['regional_vs_whole'] = ratio(times[1], times[3])
+    kind_times = dict(zip(compiled, times[1:]))
+    row['regional_vs_whole'] = ratio(kind_times['regional'], kind_times['whole'])
     print(f'compile: {pair.name}: ' + '; '.join(
         f"{kind} {compile_s[kind]:.0f} s to compile, {row[kind + '_vs_eager']:.2f}x eager" for kind in compiled),
         flush=True)
@@ -72,9 +75,11 @@ def compile_section(quick: bool, repeats: int) -> Dict:
 
 def compile_report(c: Dict) -> List[str]:
     rows = [('regional, steps (default)', 'regional'), ('regional, layers', 'layers'), ('whole model', 'whole')]
+    rounds = f" ({c['rounds']} rounds)" if 'rounds' in c else ''
     return ['## Compilation', '',
             f"{c['model']}, batch 1, fp32, inductor; compile time: the first call from cold caches; latency: medians "
-            'of the four alternated. Regional, steps: `model.compile_regions()` (each interaction step, i.e. every '
+            f"of the four alternated{rounds}. Regional, steps: `model.compile_regions()` (each interaction step, "
+            "i.e. every "
             "branch's layers of the step and its interaction units, one graph shared by the steps alike); regional, "
             "layers: `model.compile_regions('layers')` (each branch layer and interaction unit on its own); whole: "
             '`torch.compile(model)`.', '',

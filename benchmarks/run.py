@@ -1,11 +1,12 @@
 """PIIP cost, speed and memory, side by side with the paper's baselines.
 
-    python benchmarks/run.py                 # full run (about 90 minutes on a 2-core CPU)
+    python benchmarks/run.py                 # full run (about two hours on a 2-core CPU)
     python benchmarks/run.py --quick         # small stand-ins of every section (CI smoke run)
 
 Writes ``report.md``, ``results.json`` and ``latency_vs_flops.png`` to ``--out``
 (default ``benchmarks/results``). Models of a pair are timed alternately in one process with
-the same threads, to cancel drift; each speed pair and each model's memory figure runs in a fresh process.
+the same threads, to cancel drift; each speed pair, each checkpointing detector and each model's memory
+figure runs in a fresh process.
 """
 import argparse
 import contextlib
@@ -166,10 +167,21 @@ def _with_kept_rows(pairs, kept: Sequence[Dict], measured: Sequence[Dict]) -> Li
     return [by_name[p.name] for p in pairs if p.name in by_name]
 
 
+def _pair_in_fresh_process(section: str, index: int, quick: bool, repeats: int, threads: int) -> Dict:
+    """One pair of ``section`` ('speed' or 'checkpointing') measured by a process of its own: a process that
+    has run a large model keeps its freed heap, and that plus the next pair's memory probe did not fit in
+    24 GB (the TSBL detector's probe was killed after the SBL detector had run in the same process)."""
+    command = [sys.executable, __file__, '--pair', section, str(index), '--repeats', str(repeats),
+               '--threads', str(threads)] + (['--quick'] if quick else [])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=4 * 3600)
+    if result.returncode != 0:
+        raise RuntimeError(f'{section} of pair {index} failed: {result.stderr[-2000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def speed_section(quick: bool, repeats: int, threads: int, save, only: Sequence[str] = (),
                   kept: Sequence[Dict] = ()) -> List[Dict]:
-    """Every pair in a fresh process: a process that has run a large model keeps its freed heap, and
-    that plus the next pair's memory probe did not fit in 24 GB. ``save`` is called after each pair."""
+    """Every pair in a fresh process (``_pair_in_fresh_process``). ``save`` is called after each pair."""
     pairs = models.tiny_pairs() if quick else models.speed_pairs()
     # Quick: the two detector pairs alone (they cover the ViTDet and ConvNeXt baselines; the ImageNet pair
     # takes the same path), as each pair starts five processes that each import torch and timm.
@@ -178,12 +190,7 @@ def speed_section(quick: bool, repeats: int, threads: int, save, only: Sequence[
     for index in indices:
         pair = pairs[index]
         print(f'speed: {pair.name} vs {pair.baseline_name}', flush=True)
-        command = [sys.executable, __file__, '--speed-pair', str(index), '--repeats', str(repeats),
-                   '--threads', str(threads)] + (['--quick'] if quick else [])
-        result = subprocess.run(command, capture_output=True, text=True, timeout=4 * 3600)
-        if result.returncode != 0:
-            raise RuntimeError(f'speed pair {pair.name} failed: {result.stderr[-2000:]}')
-        row = json.loads(result.stdout.strip().splitlines()[-1])
+        row = _pair_in_fresh_process('speed', index, quick, repeats, threads)
         print(f'  fwd {row["piip_fwd_s"]:.3f} s vs {row["baseline_fwd_s"]:.3f} s = {row["fwd_ratio"]:.2f}x '
               f'(FLOPs {row["flop_ratio"]:.2f}x); fwd+bwd {row["train_ratio"]:.2f}x', flush=True)
         out.append(row)
@@ -191,37 +198,44 @@ def speed_section(quick: bool, repeats: int, threads: int, save, only: Sequence[
     return _with_kept_rows(pairs, kept, out)
 
 
+def checkpointing_pair(index: int, quick: bool, repeats: int, threads: int) -> Dict:
+    """One detector of the checkpointing section: peak of one fwd+bwd from a fresh process per mode, and
+    fwd+bwd time with the modes alternated on one model; run in a process of its own."""
+    pair = (models.tiny_pairs() if quick else models.speed_pairs())[index]
+    peaks = {mode: _probe(index, 'piip', f'train:{mode}', quick, threads) for mode in CHECKPOINTING_MODES}
+    baseline_peak = _probe(index, 'baseline', 'train', quick, threads)
+    model = pair.piip().to(device()).train()
+    x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
+
+    def step(mode: str) -> Callable[[], None]:
+        run = train_fn(model, x)
+
+        def call() -> None:
+            _set_checkpointing(model, mode)
+            run()
+        return call
+    times = alternate([step(mode) for mode in CHECKPOINTING_MODES], repeats)
+    rows = {mode: dict(peak_mb=peaks[mode], peak_vs_baseline=peaks[mode] / baseline_peak,
+                       train_s=statistics.median(t), time_vs_none=ratio(t, times[0]))
+            for mode, t in zip(CHECKPOINTING_MODES, times)}
+    return dict(name=pair.name, baseline=pair.baseline_name, baseline_peak_mb=baseline_peak, modes=rows)
+
+
 def checkpointing_section(quick: bool, repeats: int, threads: int, save, only: Sequence[str] = (),
                           kept: Sequence[Dict] = ()) -> List[Dict]:
-    """Training memory and time of the detector pairs with each ``set_grad_checkpointing`` mode: peak of one
-    fwd+bwd from a fresh process per mode, and fwd+bwd time with the modes alternated on one model."""
+    """Training memory and time of the detector pairs with each ``set_grad_checkpointing`` mode, each detector
+    in a fresh process (``_pair_in_fresh_process``)."""
     pairs = models.tiny_pairs() if quick else models.speed_pairs()
     detectors = [1] if quick else [i for i, p in enumerate(pairs) if '+ merge + pyramid' in p.name]
     indices = _chosen(pairs, detectors, only)
     out = []
     for index in indices:
-        pair = pairs[index]
-        print(f'checkpointing: {pair.name}', flush=True)
-        peaks = {mode: _probe(index, 'piip', f'train:{mode}', quick, threads) for mode in CHECKPOINTING_MODES}
-        baseline_peak = _probe(index, 'baseline', 'train', quick, threads)
-        model = pair.piip().to(device()).train()
-        x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
-
-        def step(mode: str) -> Callable[[], None]:
-            run = train_fn(model, x)
-
-            def call() -> None:
-                _set_checkpointing(model, mode)
-                run()
-            return call
-        times = alternate([step(mode) for mode in CHECKPOINTING_MODES], repeats)
-        rows = {mode: dict(peak_mb=peaks[mode], peak_vs_baseline=peaks[mode] / baseline_peak,
-                           train_s=statistics.median(t), time_vs_none=ratio(t, times[0]))
-                for mode, t in zip(CHECKPOINTING_MODES, times)}
-        del model
-        out.append(dict(name=pair.name, baseline=pair.baseline_name, baseline_peak_mb=baseline_peak, modes=rows))
+        print(f'checkpointing: {pairs[index].name}', flush=True)
+        row = _pair_in_fresh_process('checkpointing', index, quick, repeats, threads)
+        out.append(row)
         print('  ' + '; '.join(f'{m}: {r["peak_mb"]:.0f} MB ({r["peak_vs_baseline"]:.2f}x baseline), '
-                               f'{r["train_s"]:.2f} s ({r["time_vs_none"]:.2f}x)' for m, r in rows.items()), flush=True)
+                               f'{r["train_s"]:.2f} s ({r["time_vs_none"]:.2f}x)'
+                               for m, r in row['modes'].items()), flush=True)
         save(_with_kept_rows(pairs, kept, out))
     return _with_kept_rows(pairs, kept, out)
 
@@ -639,12 +653,13 @@ def main() -> None:
                         help="comma-separated starts of PIIP model names: measure only those rows of the speed and "
                              "checkpointing sections (e.g. 'PIIP-SBL,PIIP-TSBL'); with --update the other rows stay")
     parser.add_argument('--probe', nargs=3, metavar=('PAIR', 'ROLE', 'MODE'), help=argparse.SUPPRESS)
-    parser.add_argument('--speed-pair', type=int, metavar='PAIR', help=argparse.SUPPRESS)
+    parser.add_argument('--pair', nargs=2, metavar=('SECTION', 'PAIR'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 5)
-    if args.speed_pair is not None:
-        print(json.dumps(speed_pair(args.speed_pair, args.quick, repeats, args.threads)))
+    if args.pair:
+        measure = dict(speed=speed_pair, checkpointing=checkpointing_pair)[args.pair[0]]
+        print(json.dumps(measure(int(args.pair[1]), args.quick, repeats, args.threads)))
         return
     if args.probe:
         print(json.dumps(memory_probe(int(args.probe[0]), args.probe[1], args.probe[2], args.quick)))

@@ -1,4 +1,5 @@
 """torch.compile, ONNX and torch.export on the variants' structures (tiny widths for speed)."""
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -97,9 +98,34 @@ def test_regional_compilation_matches_eager_and_shares_graphs_between_regions(na
     assert torch.allclose(levels[0], expected_levels[0], atol=1e-6)
 
 
-def test_compile_regions_rejects_unknown_regions():
+def test_compile_regions_rejects_unknown_regions_and_a_second_kind():
+    model = tiny_variant('piip_tsb', depth=1)
     with pytest.raises(ValueError, match="regions must be 'steps' or 'layers'"):
-        tiny_variant('piip_tsb', depth=1).compile_regions('blocks')
+        model.compile_regions('blocks')
+    model.compile_regions('layers', backend='eager')
+    with pytest.raises(ValueError, match=r"layers are already compiled; compile_regions\('steps'\) needs a model"):
+        model.compile_regions('steps', backend='eager')
+    assert model._compiled_steps is None
+
+
+@pytest.mark.parametrize('regions', ['steps', 'layers'])
+def test_deepcopy_of_region_compiled_model_runs_its_own_parameters(regions):
+    """A copy (e.g. an EMA model) of a region-compiled model computes with the copy's weights, the original
+    with its own."""
+    torch._dynamo.reset()
+    model = perturb(tiny_variant('piip_tsb', depth=2)).eval()
+    x = torch.randn(1, 3, 128, 96)
+    model.compile_regions(regions, backend='aot_eager')
+    with torch.no_grad():
+        before = model(x)
+        copied = copy.deepcopy(model)
+        for p in copied.parameters():
+            p.mul_(0.5)
+        halved = tiny_variant('piip_tsb', depth=2).eval()  # the halved weights, eager
+        halved.load_state_dict(copied.state_dict())
+        assert torch.equal(model(x), before)
+        assert torch.allclose(copied(x), halved(x), atol=1e-6)
+        assert not torch.allclose(copied(x), before, atol=1e-3)
 
 
 def test_inductor_forward_matches_eager():

@@ -231,6 +231,7 @@ class PIIP(nn.Module):
         self.in_chans = in_chans
         self.grad_checkpointing = False
         self._compiled_steps: Optional[List[InteractionStep]] = None  # set by compile_regions('steps')
+        self._compiled_regions: Optional[str] = None  # the regions compile_regions compiled
         self.image_ratios = tuple(b.img_size / branches[-1].img_size for b in branches)
 
         self.branches = nn.ModuleList([b.build(in_chans, final_norm=head == 'separate', **dd) for b in branches])
@@ -442,6 +443,12 @@ class PIIP(nn.Module):
         """
         if regions not in ('steps', 'layers'):
             raise ValueError(f"regions must be 'steps' or 'layers', got {regions!r}.")
+        if self._compiled_regions not in (None, regions):
+            # Steps over compiled layers would nest one compiled region in another.
+            raise ValueError(f"this model's {self._compiled_regions} are already compiled; compile_regions("
+                             f"{regions!r}) needs a model that has not been (build a new one, or deepcopy "
+                             f"before compiling).")
+        self._compiled_regions = regions
         compile_kwargs.setdefault('dynamic', False)
         # One code object (InteractionStep.forward, timm's Block.forward) serves every region of its kind: a
         # graph per branch width or step layout, mode and batch size. Past dynamo's recompile limit (8) further
@@ -557,8 +564,8 @@ class PIIP(nn.Module):
         mode = self.grad_checkpointing if torch.is_grad_enabled() else False
         checkpoint_layers, checkpoint_units = mode in ('all', 'blocks'), mode in ('all', 'interactions')
         compiled = self._compiled_steps
+        flags = (checkpoint_layers, checkpoint_units)
         for step, units in enumerate(self.interactions):
-            flags = (checkpoint_layers, checkpoint_units)
             if compiled is not None:
                 # Prefix tokens come in as an expanded parameter (stride 0), a slice of the last step's sequence
                 # or an inference tensor: copied to one layout (a few hundred elements) so that one graph serves
