@@ -10,6 +10,7 @@ figure runs in a fresh process.
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -387,13 +388,57 @@ def deform_share(quick: bool) -> Dict:
                 total_gmacs=macs.paper, flop_share=macs.sampling_actual / (macs.paper + macs.sampling_actual))
 
 
+def _pass_tokens_through(coarse, coarse_hw, fine, fine_hw):
+    """An interaction unit's forward that changes nothing: what the branches cost without interactions."""
+    return coarse, fine
+
+
+MATMUL_OPS = ('aten::linear', 'aten::addmm', 'aten::mm', 'aten::baddbmm', 'aten::bmm', 'aten::matmul')
+
+
+def interaction_op_profile(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    """Calls and CPU ms of every operator the interaction units call directly, in one forward under
+    ``torch.profiler`` (which adds a few microseconds per call), largest first."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from piip_timm.layers import BidirectionalInteraction
+    marker = 'piip interaction unit'
+
+    def enter(mod, args):
+        mod._bench_region = record_function(marker)
+        mod._bench_region.__enter__()
+
+    def leave(mod, args, out):
+        mod._bench_region.__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, BidirectionalInteraction):
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        forward_fn(model, x)()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            forward_fn(model, x)()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ops: Dict[str, Dict[str, float]] = {}
+    for event in prof.events():
+        if event.cpu_parent is not None and event.cpu_parent.name == marker:
+            op = ops.setdefault(event.name, dict(calls=0, ms=0.0))
+            op['calls'] += 1
+            op['ms'] += event.cpu_time_total / 1e3
+    return dict(sorted(ops.items(), key=lambda item: -item[1]['ms']))
+
+
 def time_breakdown(quick: bool, repeats: int) -> Dict:
     """Where the ImageNet PIIP-TSB forward spends its time, against DeiT-B's whole forward.
 
-    Branch blocks and parts of the interaction units are timed with module hooks (ms per forward and
-    matmul MACs). A floor on PIIP's latency: the branch blocks as measured plus the interaction units'
-    kernels (Linear, depthwise conv, LayerNorm, grid_sample) each run alone at its in-model shape,
-    cache-hot, best of several; everything else in the interactions counted as free.
+    Without hooks, alternated: PIIP, the same model with its interaction units passing tokens through
+    (branches alone) and DeiT-B. Then the operators the units call (``interaction_op_profile``), and branch
+    blocks and parts of the units timed with module hooks (ms per forward and matmul MACs). Two floors on
+    PIIP's latency, everything else in the units counted as free: the branches alone plus the units'
+    matrix products as profiled, and the branches alone plus the units' kernels (Linear, depthwise conv,
+    LayerNorm, grid_sample) each run alone at its in-model shape, cache-hot, best of several.
     """
     from piip_timm.layers import BidirectionalInteraction, DeformableCrossAttention
     from timm.models.vision_transformer import Block
@@ -401,6 +446,13 @@ def time_breakdown(quick: bool, repeats: int) -> Dict:
     model, base = pair.piip().to(device()).eval(), pair.baseline().to(device()).eval()
     x = torch.randn(1, 3, pair.piip_input, pair.piip_input, device=device())
     y = torch.randn(1, 3, pair.baseline_input, pair.baseline_input, device=device())
+    branches_alone = copy.deepcopy(model)
+    for module in branches_alone.modules():
+        if isinstance(module, BidirectionalInteraction):
+            module.forward = _pass_tokens_through
+    plain = alternate([forward_fn(model, x), forward_fn(branches_alone, x), forward_fn(base, y)], repeats * 2)
+    del branches_alone
+    unit_ops = interaction_op_profile(model, x)
     seconds: Dict[str, float] = {}
     macs: Dict[str, int] = {}
 
@@ -455,11 +507,19 @@ def time_breakdown(quick: bool, repeats: int) -> Dict:
                   for key in ['branch blocks', 'interaction units'] + [part[1] for part in parts]
                   + ['interactions: deformable sampling']}
     kernels = interaction_kernels_alone(model, x, repeats=3 if quick else 20)
-    floor_s = components['branch blocks']['ms'] / 1e3 + sum(kernels.values())
+    plain_base_s = statistics.median(plain[2])
+    branches_alone_s = statistics.median(plain[1])
+    unit_matmul_s = sum(op['ms'] for name, op in unit_ops.items() if name in MATMUL_OPS) / 1e3
+    floor_s = branches_alone_s + sum(kernels.values())
     return dict(model=pair.name, baseline=pair.baseline_name, piip_fwd_s=statistics.median(times[0]),
                 baseline_fwd_s=base_s, components=components,
+                unhooked=dict(piip_s=statistics.median(plain[0]), branches_alone_s=branches_alone_s,
+                              baseline_s=plain_base_s, piip_ratio=ratio(plain[0], plain[2]),
+                              branches_alone_ratio=ratio(plain[1], plain[2])),
+                unit_ops=unit_ops, unit_matmul_s=unit_matmul_s,
+                matmul_floor_ratio=(branches_alone_s + unit_matmul_s) / plain_base_s,
                 kernels_alone_ms={key: 1e3 * value for key, value in kernels.items()},
-                floor_s=floor_s, floor_ratio=floor_s / base_s)
+                floor_s=floor_s, floor_ratio=floor_s / plain_base_s)
 
 
 def interaction_kernels_alone(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, float]:
@@ -615,8 +675,10 @@ def report(results: Dict, path: Path) -> None:
                       f'{100 * s["flop_share"]:.2f}% of the MACs ({s["sampling_gmacs"]:.2f} of {s["total_gmacs"]:.0f} G).', '']
     if results.get('breakdown'):
         b = results['breakdown']
-        lines += ['## Where the ImageNet PIIP-TSB forward spends its time', '',
-                  f"{b['model']}, batch 1, hooks on modules (they add a little time); {b['baseline']}'s whole forward "
+        lines += ['## Where the ImageNet PIIP-TSB forward spends its time', '']
+        if 'unhooked' in b:
+            lines += breakdown_floor_report(b)
+        lines += [f"{b['model']}, batch 1, hooks on modules (they add a little time); {b['baseline']}'s whole forward "
                   f"for scale: {1e3 * b['baseline_fwd_s']:.0f} ms. Rows starting with 'interactions:' are parts of the "
                   "interaction units; the deformable attention row includes its Linear layers and its sampling.", '',
                   '| component | ms per forward | share of PIIP | GMACs (matmuls) |', '|---|---|---|---|']
@@ -625,15 +687,37 @@ def report(results: Dict, path: Path) -> None:
             lines.append(f"| {key} | {c['ms']:.1f} | {100 * c['ms'] / total_ms:.0f}% | "
                          f"{c['gmacs']:.2f} |" if c['gmacs'] else f"| {key} | {c['ms']:.1f} | {100 * c['ms'] / total_ms:.0f}% | |")
         alone = b['kernels_alone_ms']
+        branches = ('the branches alone (without hooks)' if 'unhooked' in b else 'the branch blocks as measured')
         lines += [f"| whole PIIP forward (median, hooks on) | {total_ms:.1f} | 100% | |", '',
                   "A floor: the interaction units' kernels each run alone at its in-model input, cache-hot, best of "
                   'several, take ' + ', '.join(f'{kind} {ms:.1f} ms' for kind, ms in alone.items())
                   + f' ({sum(alone.values()):.1f} ms, against {b["components"]["interaction units"]["ms"]:.0f} ms '
-                  'for the units in the model). With the branch blocks as measured, PIIP-TSB could not run faster '
+                  f'for the units in the model). With {branches}, PIIP-TSB could not run faster '
                   f"than {b['floor_ratio']:.2f}x {b['baseline']} even if those kernels ran at that speed inside the "
                   'model and the offset/weight projection, softmax, weighted sum over points, GELU, residuals and '
                   'layout changes cost nothing.', '']
     path.write_text('\n'.join(lines) + '\n')
+
+
+def breakdown_floor_report(b: Dict) -> List[str]:
+    """The breakdown's unhooked timings and the interaction units' operator profile, as report lines."""
+    u = b['unhooked']
+    ops = b['unit_ops']
+    shown = list(ops.items())[:14]
+    rest_ms = sum(op['ms'] for _, op in list(ops.items())[14:])
+    return [f"Without hooks, the three alternated ({b['model']}; the same model with its interaction units passing "
+            f"tokens through; {b['baseline']}): {1e3 * u['piip_s']:.0f} ms, {1e3 * u['branches_alone_s']:.0f} ms, "
+            f"{1e3 * u['baseline_s']:.0f} ms: PIIP {u['piip_ratio']:.2f}x, its branches alone "
+            f"{u['branches_alone_ratio']:.2f}x {b['baseline']}.", '',
+            'Operators the interaction units call, one forward under torch.profiler (CPU time; the profiler adds a '
+            'few microseconds per call):', '',
+            '| operator | calls | ms |', '|---|---|---|',
+            *(f"| `{name}` | {op['calls']} | {op['ms']:.2f} |" for name, op in shown),
+            f"| {len(ops) - len(shown)} others | {sum(op['calls'] for _, op in list(ops.items())[14:])} | "
+            f"{rest_ms:.2f} |", '',
+            f"A floor from the matrix products: the branches alone plus the units' matrix products as profiled "
+            f"({1e3 * b['unit_matmul_s']:.0f} ms: " + ', '.join(f'`{name}`' for name in ops if name in MATMUL_OPS)
+            + f") are {b['matmul_floor_ratio']:.2f}x {b['baseline']}, before any of the units' other operators.", '']
 
 
 def main() -> None:

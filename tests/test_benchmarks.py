@@ -30,7 +30,17 @@ def test_benchmark_quick_run_writes_report_plot_and_results(tmp_path):
     assert '## Where the ImageNet PIIP-TSB forward spends its time' in report
     assert set(breakdown['kernels_alone_ms']) == {'Linear', 'Conv2d', 'LayerNorm', 'grid_sample'}
     assert all(ms > 0 for ms in breakdown['kernels_alone_ms'].values())
-    assert breakdown['components']['branch blocks']['ms'] / 1e3 < breakdown['floor_s'] < breakdown['piip_fwd_s']
+    unhooked = breakdown['unhooked']
+    assert unhooked['branches_alone_s'] < breakdown['floor_s'] < breakdown['piip_fwd_s']
+    assert unhooked['branches_alone_s'] < unhooked['piip_s']
+    assert breakdown['matmul_floor_ratio'] < unhooked['piip_ratio']
+    # Each unit: two projections and, per direction, value/output projections and the ConvFFN's fc1/fc2 as
+    # Linear calls, and one fused offset/weight product (baddbmm) per direction.
+    ops = breakdown['unit_ops']
+    assert ops['aten::linear']['calls'] == 5 * ops['aten::baddbmm']['calls'] > 0
+    assert ops['_WeightedBilinearSampling']['calls'] == ops['aten::baddbmm']['calls']
+    assert 0 < breakdown['unit_matmul_s'] < unhooked['piip_s']
+    assert 'torch.profiler' in report
     [checkpointing] = results['checkpointing']
     modes = checkpointing['modes']
     assert list(modes) == ['none', 'interactions', 'blocks', 'all']
