@@ -25,10 +25,11 @@ import models
 DEVICE_PAIRS = {'full': ((0, 64), (2, 8), (4, 4)), 'quick': ((1, 2),)}
 
 
-def _cold_compile_caches() -> None:
-    """Compile from scratch: no graph from an earlier process or an earlier compile in this one."""
+def _cold_compile_caches():
+    """Compile from scratch inside this context: no graph from an earlier process or an earlier compile in this
+    one. Caches are on again after it (the setting is not left on for the rest of the process)."""
     torch._dynamo.reset()
-    torch._inductor.config.force_disable_caches = True
+    return torch._inductor.config.patch(force_disable_caches=True)
 
 
 def _first_call_s(fn: Callable[[], None]) -> float:
@@ -48,12 +49,12 @@ def compile_section(quick: bool, repeats: int) -> Dict:
     compiled, compile_s = {}, {}
     for kind in ('regional', 'layers', 'whole'):
         model = copy.deepcopy(eager)
-        _cold_compile_caches()
-        if kind == 'whole':
-            model = torch.compile(model)
-        else:
-            model.compile_regions('steps' if kind == 'regional' else 'layers')
-        compile_s[kind] = _first_call_s(forward_fn(model, x))
+        with _cold_compile_caches():
+            if kind == 'whole':
+                model = torch.compile(model)
+            else:
+                model.compile_regions('steps' if kind == 'regional' else 'layers')
+            compile_s[kind] = _first_call_s(forward_fn(model, x))
         compiled[kind] = model
     with torch.inference_mode():
         reference = eager(x)
