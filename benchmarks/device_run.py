@@ -5,6 +5,7 @@
 
 The device run writes ``report.md`` and ``results.json`` to ``--out`` (default ``benchmarks/results/<device>``).
 """
+import contextlib
 import copy
 import json
 import os
@@ -25,7 +26,7 @@ import models
 DEVICE_PAIRS = {'full': ((0, 64), (2, 8), (4, 4)), 'quick': ((1, 2),)}
 
 
-def _cold_compile_caches():
+def _cold_compile_caches() -> contextlib.AbstractContextManager:
     """Compile from scratch inside this context: no graph from an earlier process or an earlier compile in this
     one. Caches are on again after it (the setting is not left on for the rest of the process)."""
     torch._dynamo.reset()
@@ -63,11 +64,11 @@ def compile_section(quick: bool, repeats: int) -> Dict:
     rounds = repeats if quick else max(repeats, 15)
     times = alternate([forward_fn(m, x) for m in (eager, *compiled.values())], rounds)
     row = dict(model=pair.name, eager_s=statistics.median(times[0]), max_abs_diff=max_diff, rounds=rounds)
-    for kind, kind_times in zip(compiled, times[1:]):
+    by_kind = dict(zip(compiled, times[1:]))
+    for kind, kind_times in by_kind.items():
         row.update({f'{kind}_s': statistics.median(kind_times), f'{kind}_compile_s': compile_s[kind],
                     f'{kind}_vs_eager': ratio(kind_times, times[0])})
-    kind_times = dict(zip(compiled, times[1:]))
-    row['regional_vs_whole'] = ratio(kind_times['regional'], kind_times['whole'])
+    row['regional_vs_whole'] = ratio(by_kind['regional'], by_kind['whole'])
     print(f'compile: {pair.name}: ' + '; '.join(
         f"{kind} {compile_s[kind]:.0f} s to compile, {row[kind + '_vs_eager']:.2f}x eager" for kind in compiled),
         flush=True)

@@ -703,8 +703,7 @@ def breakdown_floor_report(b: Dict) -> List[str]:
     """The breakdown's unhooked timings and the interaction units' operator profile, as report lines."""
     u = b['unhooked']
     ops = b['unit_ops']
-    shown = list(ops.items())[:14]
-    rest_ms = sum(op['ms'] for _, op in list(ops.items())[14:])
+    shown, rest = list(ops.items())[:14], list(ops.values())[14:]
     return [f"Without hooks, the three alternated ({b['model']}; the same model with its interaction units passing "
             f"tokens through; {b['baseline']}): {1e3 * u['piip_s']:.0f} ms, {1e3 * u['branches_alone_s']:.0f} ms, "
             f"{1e3 * u['baseline_s']:.0f} ms: PIIP {u['piip_ratio']:.2f}x, its branches alone "
@@ -713,8 +712,7 @@ def breakdown_floor_report(b: Dict) -> List[str]:
             'few microseconds per call):', '',
             '| operator | calls | ms |', '|---|---|---|',
             *(f"| `{name}` | {op['calls']} | {op['ms']:.2f} |" for name, op in shown),
-            f"| {len(ops) - len(shown)} others | {sum(op['calls'] for _, op in list(ops.items())[14:])} | "
-            f"{rest_ms:.2f} |", '',
+            f"| {len(rest)} others | {sum(op['calls'] for op in rest)} | {sum(op['ms'] for op in rest):.2f} |", '',
             f"A floor from the matrix products: the branches alone plus the units' matrix products as profiled "
             f"({1e3 * b['unit_matmul_s']:.0f} ms: " + ', '.join(f'`{name}`' for name in ops if name in MATMUL_OPS)
             + f") are {b['matmul_floor_ratio']:.2f}x {b['baseline']}, before any of the units' other operators.", '']
